@@ -1,0 +1,282 @@
+"""The composition root: builds every part from the settings, runs them, and shuts them down in order.
+
+Start: catalog and migrations checked → pool → HTTP listener → pipeline, drift pass and sources.
+Stop: intake stops (webhooks answer 503, sources close) → running batches get the grace period →
+the rest is cancelled and counted (the next start's drift pass picks it up) → connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from vector_sync.config import Settings, SourceName
+from vector_sync.drift import DriftPass
+from vector_sync.embedder import Embedder, EmbedStats, build_embedder
+from vector_sync.events import ChangeEvent, Source
+from vector_sync.metrics import Metrics
+from vector_sync.migrations import Catalog, SchemaError, pending_migrations, read_catalog
+from vector_sync.pipeline import Pipeline
+from vector_sync.scheduler import Offer, Scheduler
+from vector_sync.sources.listen import ListenSource
+from vector_sync.sources.webhook import WebhookReceiver
+from vector_sync.store import DATABASE_UNAVAILABLE, Store
+from vector_sync.web import HttpServer
+
+READINESS_QUERY_TIMEOUT = 2.0
+
+
+class FatalError(Exception):
+    """The daemon cannot run (exit code 1); the message is the one log line that says why."""
+
+
+async def load_catalog(settings: Settings) -> Catalog:
+    """Read the catalog and insist the migrations are applied: the daemon never migrates by itself."""
+    assert settings.database_url is not None
+    try:
+        conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+    except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+        raise FatalError(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
+    try:
+        catalog = await read_catalog(conn, settings)
+        behind = await pending_migrations(conn, settings, catalog)
+    except SchemaError as exc:
+        raise FatalError(str(exc)) from exc
+    finally:
+        await conn.close()
+    if behind:
+        raise FatalError(f"migrations {behind} are not applied; run `vector-sync migrate`")
+    return catalog
+
+
+@dataclass
+class Intake:
+    """The `EventSink` every source talks to: counts, logs, and hands events to the scheduler."""
+
+    scheduler: Scheduler
+    metrics: Metrics
+    drift: DriftPass | None = None
+    live: dict[Source, bool] = field(default_factory=dict)
+    _malformed_seen: set[tuple[Source, str]] = field(default_factory=set)
+
+    def offer(self, event: ChangeEvent) -> None:
+        self.metrics.events.labels(event.source.value).inc()
+        result = self.scheduler.offer(event)
+        self.metrics.offers.labels(result.value).inc()
+        logger.debug(
+            "event {op} project {project_id} version {version} from {source}: {result}",
+            op=event.op.value,
+            project_id=event.project_id,
+            version=event.version,
+            source=event.source.value,
+            result=result.value,
+        )
+        if result is Offer.FULL and self.drift is not None:
+            self.drift.request("scheduler was full")
+
+    def malformed(self, source: Source, reason: str) -> None:
+        self.metrics.malformed.labels(source.value).inc()
+        if (source, reason) not in self._malformed_seen and len(self._malformed_seen) < 1000:
+            self._malformed_seen.add((source, reason))
+            logger.warning("dropped malformed input from {source}: {reason}", source=source.value, reason=reason)
+
+    def request_drift(self, reason: str) -> None:
+        if self.drift is not None:
+            self.drift.request(reason)
+
+    def source_state(self, source: Source, live: bool) -> None:
+        if self.live.get(source) != live:
+            logger.info("source {source} is {state}", source=source.value, state="live" if live else "down")
+            if live and source in self.live:
+                self.metrics.reconnects.labels(source.value).inc()
+        self.live[source] = live
+        self.metrics.source_up.labels(source.value).set(1 if live else 0)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, embedder: Embedder | None = None, catalog: Catalog | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.embed_stats = EmbedStats()
+        self._embedder = embedder
+        self._catalog = catalog
+        self._stopping = asyncio.Event()
+        self.store: Store | None = None
+        self.scheduler: Scheduler | None = None
+        self.pipeline: Pipeline | None = None
+        self.drift: DriftPass | None = None
+        self.intake: Intake | None = None
+        self.http: HttpServer | None = None
+        self.webhook: WebhookReceiver | None = None
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until `stop` is set (exit 0) or a part fails for good (exit 1)."""
+        try:
+            await self._start()
+        except FatalError as exc:
+            logger.error("cannot start: {error}", error=str(exc))
+            await self._close()
+            return 1
+        tasks = self._spawn()
+        self.started.set()
+        code = await self._supervise(tasks, stop)
+        await self._shutdown(tasks)
+        return code
+
+    async def _start(self) -> None:
+        settings = self.settings
+        catalog = self._catalog or await load_catalog(settings)
+        try:
+            self.store = await Store.connect(settings, catalog)
+        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise FatalError(f"cannot open the database pool: {type(exc).__name__}: {exc}") from exc
+        embedder = self._embedder or build_embedder(settings, self.embed_stats)
+        self._embedder = embedder
+        self.metrics.watch_embedder(getattr(embedder, "stats", self.embed_stats))
+        self.scheduler = Scheduler(
+            insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
+        )
+        self.metrics.pending.set_function(lambda: self.scheduler.pending_count if self.scheduler else 0)
+        self.metrics.in_flight.set_function(lambda: self.scheduler.in_flight_count if self.scheduler else 0)
+        self.metrics.oldest_pending.set_function(self._oldest_pending_age)
+        self.intake = Intake(self.scheduler, self.metrics)
+        self.drift = DriftPass(self.store, self.scheduler, self.intake.offer, on_found=self._count_drift)
+        self.intake.drift = self.drift
+        self.pipeline = Pipeline(
+            scheduler=self.scheduler,
+            store=self.store,
+            embedder=embedder,
+            metrics=self.metrics,
+            batch_size=settings.batch_size,
+            max_concurrent_batches=settings.max_concurrent_requests,
+        )
+        if SourceName.WEBHOOK in settings.active_sources:
+            self.webhook = WebhookReceiver(
+                sink=self.intake,
+                id_kind=catalog.id_kind,
+                table=settings.table,
+                id_column=settings.id_column,
+                key=settings.webhook_key,
+                token=settings.webhook_token.get_secret_value() if settings.webhook_token else None,
+                rate_limit=settings.webhook_rate_limit,
+            )
+        self.http = HttpServer(
+            settings.http_host,
+            settings.http_port,
+            metrics=self.metrics,
+            readiness=self.readiness,
+            webhook=self.webhook,
+        )
+        try:
+            await self.http.start()
+        except OSError as exc:
+            raise FatalError(f"cannot listen on {settings.http_host}:{settings.http_port}: {exc}") from exc
+        self._catalog = catalog
+        logger.info(
+            "vector-sync started: table {table}, sources {sources}, embedder {embedder} model {model}",
+            table=str(settings.table),
+            sources=",".join(sorted(source.value for source in settings.active_sources)),
+            embedder=settings.active_embedder.value,
+            model=embedder.model,
+        )
+
+    def _spawn(self) -> dict[asyncio.Task[None], str]:
+        assert self.pipeline and self.drift and self.intake and self._catalog and self.settings.database_url
+        jobs: dict[str, Coroutine[Any, Any, None]] = {
+            "pipeline": self.pipeline.run(self._stopping),
+            "drift": self.drift.run(self._stopping),
+        }
+        if SourceName.LISTEN in self.settings.active_sources:
+            listen = ListenSource(self.settings.database_url.get_secret_value(), self.intake, self._catalog.id_kind)
+            jobs["listen"] = listen.run(self._stopping)
+        if self.webhook is not None:
+            self.intake.source_state(Source.WEBHOOK, True)
+        self.drift.request("start-up")
+        return {asyncio.create_task(job, name=f"vector-sync-{name}"): name for name, job in jobs.items()}
+
+    async def _supervise(self, tasks: dict[asyncio.Task[None], str], stop: asyncio.Event) -> int:
+        stop_waiter: asyncio.Task[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_waiter.cancel()
+        for task in done:
+            if task not in tasks:
+                continue
+            error = task.exception() if not task.cancelled() else None
+            # A supervised part ending on its own is a bug or a fatal error: never silent.
+            logger.opt(exception=error).error(
+                "{name} stopped unexpectedly: {error}; shutting down", name=tasks[task], error=repr(error)
+            )
+            return 1
+        return 0
+
+    async def _shutdown(self, tasks: dict[asyncio.Task[None], str]) -> None:
+        started = time.monotonic()
+        logger.info("stopping: intake closed, draining for up to {grace:.0f}s", grace=self.settings.shutdown_grace)
+        if self.webhook is not None:
+            self.webhook.stopping = True
+        self._stopping.set()
+        await asyncio.wait(list(tasks), timeout=self.settings.shutdown_grace)
+        cut = (
+            await self.pipeline.drain(max(0.0, self.settings.shutdown_grace - (time.monotonic() - started)))
+            if self.pipeline
+            else 0
+        )
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        left = self.scheduler.drain_all() if self.scheduler else []
+        logger.info(
+            "stopped in {took:.1f}s: {cut} batches cancelled, {left} ids left for the next start's drift pass",
+            took=time.monotonic() - started,
+            cut=cut,
+            left=len(left),
+        )
+        await self._close()
+
+    async def _close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        if self._embedder is not None:
+            await self._embedder.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def readiness(self) -> dict[str, Any]:
+        details: dict[str, Any] = {}
+        database = False
+        if self.store is not None:
+            try:
+                async with asyncio.timeout(READINESS_QUERY_TIMEOUT):
+                    await self.store.pool.fetchval("select 1")
+                database = True
+            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
+                database = False
+        details["database"] = "ok" if database else "unreachable"
+        sources = {}
+        live = self.intake.live if self.intake else {}
+        for name in sorted(self.settings.active_sources):
+            sources[name.value] = "live" if live.get(Source(name.value)) else "down"
+        details["sources"] = sources
+        paused = self.pipeline.paused if self.pipeline else False
+        details["embedding"] = "paused" if paused else "ok"
+        details["ready"] = database and not paused and all(state == "live" for state in sources.values())
+        return details
+
+    def _oldest_pending_age(self) -> float:
+        if self.scheduler is None:
+            return 0.0
+        due = self.scheduler.oldest_pending_due()
+        return 0.0 if due is None else max(0.0, time.monotonic() - due)
+
+    def _count_drift(self, found: int) -> None:
+        self.metrics.drift_passes.inc()
+        self.metrics.drift_rows.inc(found)

@@ -1,0 +1,322 @@
+"""Settings: the one place that reads the environment (and `.env`) and validates it.
+
+Every problem is reported as one line naming the variable, what it got (secrets masked) and what it
+expects; the CLI turns a `ConfigError` into exit code 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class SourceName(StrEnum):
+    REALTIME = "realtime"
+    WEBHOOK = "webhook"
+    LISTEN = "listen"
+
+
+class EmbedderName(StrEnum):
+    OPENAI = "openai"
+    HASH = "hash"
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """`500ms`, `20s`, `5m`, `1h` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 20s, 5m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("expected a duration such as 500ms, 20s, 5m or a number of seconds")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, NoDecode]
+
+
+@dataclass(frozen=True, slots=True)
+class TableName:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+_IDENTIFIER_PART = re.compile(r'"((?:[^"]|"")+)"|([^".\s]+)')
+
+
+def parse_table_name(text: str) -> TableName:
+    """`schema.table`, `table` (schema public) or double-quoted parts with any characters.
+
+    Unquoted parts are folded to lower case, as Postgres does. The result is only ever used through
+    `sqltext.quote_ident`, so odd characters are carried, never pasted.
+    """
+    parts: list[str] = []
+    position = 0
+    text = text.strip()
+    while True:
+        match = _IDENTIFIER_PART.match(text, position)
+        if not match:
+            raise ValueError('expected [schema.]table, with "double quotes" around unusual names')
+        quoted, bare = match.groups()
+        parts.append(quoted.replace('""', '"') if quoted is not None else bare.lower())
+        position = match.end()
+        if position == len(text):
+            break
+        if text[position] != ".":
+            raise ValueError('expected [schema.]table, with "double quotes" around unusual names')
+        position += 1
+    if len(parts) == 1:
+        return TableName("public", parts[0])
+    if len(parts) == 2:
+        return TableName(parts[0], parts[1])
+    raise ValueError("expected at most one dot: [schema.]table")
+
+
+def _check_identifier(name: str) -> str:
+    if not name or "\x00" in name or len(name.encode()) > 63:
+        raise ValueError("expected a column name of 1 to 63 bytes")
+    return name
+
+
+def decode_webhook_secret(secret: str) -> bytes:
+    """A Standard Webhooks secret is `whsec_` + base64 of the key bytes."""
+    body = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("expected whsec_ followed by base64") from exc
+    if len(key) < 16:
+        raise ValueError("expected at least 16 bytes of key after whsec_")
+    return key
+
+
+class Settings(BaseSettings):
+    """All settings; field aliases are the environment variable names of the interface."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(None, validation_alias="DATABASE_URL")
+    supabase_url: str | None = Field(None, validation_alias="SUPABASE_URL")
+    supabase_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY")
+    )
+    openai_api_key: SecretStr | None = Field(None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
+    embedder: EmbedderName | None = Field(None, validation_alias="VECTOR_SYNC_EMBEDDER")
+    embedding_model: str = Field("text-embedding-3-small", validation_alias="VECTOR_SYNC_EMBEDDING_MODEL")
+    embedding_dimensions: int = Field(1536, ge=1, le=16000, validation_alias="VECTOR_SYNC_EMBEDDING_DIMENSIONS")
+    sources: Annotated[frozenset[SourceName] | None, NoDecode] = Field(None, validation_alias="VECTOR_SYNC_SOURCES")
+    webhook_secret: SecretStr | None = Field(None, validation_alias="VECTOR_SYNC_WEBHOOK_SECRET")
+    webhook_token: SecretStr | None = Field(None, validation_alias="VECTOR_SYNC_WEBHOOK_TOKEN")
+    http_port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("PORT", "VECTOR_SYNC_HTTP_PORT"))
+    http_host: str = Field("0.0.0.0", validation_alias="VECTOR_SYNC_HTTP_HOST")
+    table: Annotated[TableName, NoDecode] = Field(TableName("public", "projects"), validation_alias="VECTOR_SYNC_TABLE")
+    id_column: str = Field("id", validation_alias="VECTOR_SYNC_ID_COLUMN")
+    content_columns: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("name", "description"), validation_alias="VECTOR_SYNC_CONTENT_COLUMNS"
+    )
+    insert_delay: Duration = Field(20.0, validation_alias="VECTOR_SYNC_INSERT_DELAY")
+    update_delay: Duration = Field(0.0, validation_alias="VECTOR_SYNC_UPDATE_DELAY")
+    batch_size: int = Field(100, ge=1, le=2048, validation_alias="VECTOR_SYNC_BATCH_SIZE")
+    max_requests_per_second: int = Field(50, ge=1, le=100_000, validation_alias="VECTOR_SYNC_MAX_REQUESTS_PER_SECOND")
+    max_concurrent_requests: int = Field(4, ge=1, le=256, validation_alias="VECTOR_SYNC_MAX_CONCURRENT_REQUESTS")
+    log_format: Literal["text", "json"] | None = Field(None, validation_alias="VECTOR_SYNC_LOG_FORMAT")
+    log_level: str = Field("INFO", validation_alias="VECTOR_SYNC_LOG_LEVEL")
+
+    # Bounds and tuning beyond the interface's table; defaults suit a production daemon.
+    max_pending: int = Field(100_000, ge=10, le=10_000_000, validation_alias="VECTOR_SYNC_MAX_PENDING")
+    request_timeout: Duration = Field(30.0, validation_alias="VECTOR_SYNC_REQUEST_TIMEOUT")
+    max_retries: int = Field(6, ge=0, le=50, validation_alias="VECTOR_SYNC_MAX_RETRIES")
+    webhook_rate_limit: int = Field(1000, ge=1, le=1_000_000, validation_alias="VECTOR_SYNC_WEBHOOK_RATE_LIMIT")
+    shutdown_grace: Duration = Field(10.0, validation_alias="VECTOR_SYNC_SHUTDOWN_GRACE")
+    pool_size: int = Field(4, ge=2, le=100, validation_alias="VECTOR_SYNC_DB_POOL_SIZE")
+
+    @field_validator("insert_delay", "update_delay", "request_timeout", "shutdown_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = [part.strip().lower() for part in value.split(",") if part.strip()]
+            if not names:
+                raise ValueError("expected a comma list of realtime, webhook, listen")
+            unknown = [name for name in names if name not in SourceName.__members__.values()]
+            if unknown:
+                raise ValueError(f"unknown source {unknown[0]!r}; expected realtime, webhook or listen")
+            return frozenset(SourceName(name) for name in names)
+        return value
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _table(cls, value: object) -> object:
+        return parse_table_name(value) if isinstance(value, str) else value
+
+    @field_validator("id_column")
+    @classmethod
+    def _id_column(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @field_validator("content_columns", mode="before")
+    @classmethod
+    def _content_columns(cls, value: object) -> object:
+        if isinstance(value, str):
+            columns = tuple(part.strip() for part in value.split(",") if part.strip())
+            if not columns:
+                raise ValueError("expected a comma list of column names")
+            return tuple(_check_identifier(column) for column in columns)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            decode_webhook_secret(value.get_secret_value())
+        return value
+
+    @field_validator("supabase_url", "openai_base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("expected an http(s):// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("expected TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR or CRITICAL")
+        return level
+
+    # Derived values: the defaults that depend on other settings.
+
+    @property
+    def active_sources(self) -> frozenset[SourceName]:
+        if self.sources is not None:
+            return self.sources
+        chosen = {SourceName.REALTIME if self.supabase_url else SourceName.LISTEN}
+        if self.webhook_secret is not None or self.webhook_token is not None:
+            chosen.add(SourceName.WEBHOOK)
+        return frozenset(chosen)
+
+    @property
+    def active_embedder(self) -> EmbedderName:
+        return self.embedder or EmbedderName.OPENAI
+
+    @property
+    def webhook_key(self) -> bytes | None:
+        if self.webhook_secret is None:
+            return None
+        return decode_webhook_secret(self.webhook_secret.get_secret_value())
+
+    def secrets(self) -> list[str]:
+        """Every secret value, so the log filter can scrub them wherever they might appear."""
+        values = [self.supabase_key, self.openai_api_key, self.webhook_secret, self.webhook_token]
+        found = [value.get_secret_value() for value in values if value is not None]
+        if self.database_url is not None:
+            password = _dsn_password(self.database_url.get_secret_value())
+            if password:
+                found.append(password)
+        return [value for value in found if len(value) >= 4]
+
+
+ENV_NAMES: dict[str, str] = {}
+for _name, _field in Settings.model_fields.items():
+    _alias = _field.validation_alias
+    if isinstance(_alias, str):
+        ENV_NAMES[_name] = _alias
+    elif isinstance(_alias, AliasChoices):
+        ENV_NAMES[_name] = " / ".join(str(choice) for choice in _alias.choices)
+SECRET_FIELDS = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
+
+
+def _dsn_password(dsn: str) -> str | None:
+    match = re.match(r"^[a-z]+://[^:/@]*:([^@]*)@", dsn)
+    return match.group(1) if match and match.group(1) else None
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, for logs and `check`."""
+    password = _dsn_password(dsn)
+    return dsn.replace(f":{password}@", ":***@", 1) if password else dsn
+
+
+def _shown(field: str, value: Any) -> str:
+    if field in SECRET_FIELDS:
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "...'"
+
+
+def load_settings(*, require_database: bool = True, require_embedder: bool = True, **overrides: Any) -> Settings:
+    """Build the settings from the environment, `.env` and `overrides`; raise `ConfigError`."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = ENV_NAMES.get(field, field)
+            reason = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{name}: got {_shown(field, error.get('input'))}: {reason}")
+        raise ConfigError(problems) from None
+    problems = requirement_problems(settings, require_database=require_database, require_embedder=require_embedder)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def requirement_problems(settings: Settings, *, require_database: bool, require_embedder: bool) -> list[str]:
+    """Checks that span several variables, or depend on the command being run."""
+    problems = []
+    if require_database and settings.database_url is None:
+        problems.append("DATABASE_URL: missing: expected a postgres:// DSN of the source database")
+    if require_embedder and settings.active_embedder is EmbedderName.OPENAI and settings.openai_api_key is None:
+        problems.append(
+            "OPENAI_API_KEY: missing: expected an API key (any value for a local server that ignores it), "
+            "or VECTOR_SYNC_EMBEDDER=hash for the offline lexical embedder"
+        )
+    sources = settings.active_sources
+    if SourceName.WEBHOOK in sources and settings.webhook_secret is None and settings.webhook_token is None:
+        problems.append(
+            "VECTOR_SYNC_SOURCES: got 'webhook' without VECTOR_SYNC_WEBHOOK_SECRET or "
+            "VECTOR_SYNC_WEBHOOK_TOKEN: expected one of them to be set"
+        )
+    if SourceName.REALTIME in sources:
+        if settings.supabase_url is None:
+            problems.append("SUPABASE_URL: missing: the realtime source needs the project URL")
+        if settings.supabase_key is None:
+            problems.append("SUPABASE_SERVICE_ROLE_KEY: missing: the realtime source needs the service key")
+    if settings.id_column in settings.content_columns:
+        problems.append(f"VECTOR_SYNC_CONTENT_COLUMNS: got {settings.id_column!r}: the id column cannot be embedded")
+    return problems

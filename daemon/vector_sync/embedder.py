@@ -1,0 +1,277 @@
+"""Embedders: the OpenAI-compatible API client with its retry policy, and the offline hash embedder.
+
+The retry policy lives here alone: the `openai` client's own retries are off (`max_retries=0`), so
+two loops never stack. Failures are sorted once into three kinds (design.md, "Failures of the
+embedding API"): transient (retry, then give back to the scheduler), quota (pause everything) and bad
+input (bisect the batch so only the offending row is dead-lettered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import math
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import openai
+from asyncio_throttle.throttler import Throttler
+from loguru import logger
+
+from vector_sync.config import EmbedderName, Settings
+
+# The API's own limits (OpenAI embeddings docstring): inputs per request and tokens per request.
+MAX_INPUTS_PER_REQUEST = 2048
+MAX_TOKENS_PER_REQUEST = 300_000
+# No tokenizer (tiktoken downloads its tables at first use, which fails offline): a UTF-8 byte count
+# over-estimates tokens for every model that uses a byte-level BPE, so a budget in bytes is safe.
+TOKEN_BUDGET_BYTES = 250_000
+
+
+class EmbeddingError(Exception):
+    """Base of every failure the embedder reports."""
+
+
+class TransientEmbeddingError(EmbeddingError):
+    """The API failed in a way that may pass (5xx, 429, timeout); retries are used up."""
+
+
+class QuotaExceeded(EmbeddingError):
+    """Billing, credentials or an unknown model: no input is at fault, so nothing is dead-lettered;
+    embedding pauses until a probe succeeds."""
+
+
+class BadInput(EmbeddingError):
+    """The API refused the request because of its inputs (400)."""
+
+
+class Embedder(Protocol):
+    model: str
+    dimensions: int
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class EmbedStats:
+    requests: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    retries: int = 0
+    errors: int = 0
+
+
+def estimated_tokens(text: str) -> int:
+    return len(text.encode()) + 1
+
+
+def chunk_for_requests(texts: Sequence[str], max_inputs: int) -> list[list[int]]:
+    """Indexes of `texts` grouped so each group fits one request (input count and token budget)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    budget = 0
+    for index, text in enumerate(texts):
+        cost = estimated_tokens(text)
+        if current and (len(current) >= max_inputs or budget + cost > TOKEN_BUDGET_BYTES):
+            groups.append(current)
+            current, budget = [], 0
+        current.append(index)
+        budget += cost
+    if current:
+        groups.append(current)
+    return groups
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """`retry-after-ms`, else `retry-after` (seconds or an HTTP date), as the API sends them."""
+    if headers is None:
+        return None
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        if re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            return max(0.0, float(value))
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (ValueError, TypeError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int
+    base: float = 0.5
+    cap: float = 30.0
+    max_retry_after: float = 120.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter; an explicit Retry-After wins (capped)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+def classify(exc: BaseException) -> type[EmbeddingError]:
+    if isinstance(exc, openai.RateLimitError):
+        code = getattr(exc, "code", None)
+        return QuotaExceeded if code == "insufficient_quota" else TransientEmbeddingError
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError | openai.NotFoundError):
+        return QuotaExceeded
+    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
+        return BadInput
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        return TransientEmbeddingError if status in (408, 409) or status >= 500 else BadInput
+    return TransientEmbeddingError  # connection errors, timeouts, malformed answers
+
+
+class OpenAIEmbedder:
+    """`AsyncOpenAI` embeddings with start-rate throttling, a concurrency cap and our retry policy."""
+
+    def __init__(self, settings: Settings, stats: EmbedStats | None = None) -> None:
+        assert settings.openai_api_key is not None
+        self.model = settings.embedding_model
+        self.dimensions = settings.embedding_dimensions
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            max_retries=0,
+            timeout=settings.request_timeout,
+        )
+        # asyncio-throttle bounds request *starts* per second; the semaphore bounds concurrency.
+        throttle = Throttler(rate_limit=settings.max_requests_per_second, period=1.0)
+        self._throttle: Callable[[], Awaitable[None]] = throttle.acquire
+        self._concurrency = asyncio.Semaphore(settings.max_concurrent_requests)
+        self._policy = RetryPolicy(attempts=settings.max_retries + 1)
+        # Models before text-embedding-3 reject `dimensions`; send it only where it is understood.
+        self._send_dimensions = "text-embedding-3" in self.model
+        self.stats = stats or EmbedStats()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        last: BaseException | None = None
+        for attempt in range(self._policy.attempts):
+            try:
+                return await self._request(texts)
+            except (openai.OpenAIError, ValueError) as exc:
+                kind = classify(exc)
+                self.stats.errors += 1
+                if kind is not TransientEmbeddingError:
+                    raise kind(_describe(exc)) from exc
+                last = exc
+                if attempt + 1 < self._policy.attempts:
+                    response = getattr(exc, "response", None)
+                    headers = getattr(response, "headers", None)
+                    delay = self._policy.delay(attempt, retry_after_seconds(headers))
+                    self.stats.retries += 1
+                    logger.warning(
+                        "embedding request failed ({error}); retry {attempt} in {delay:.2f}s",
+                        error=_describe(exc),
+                        attempt=attempt + 1,
+                        delay=delay,
+                    )
+                    await asyncio.sleep(delay)
+        raise TransientEmbeddingError(_describe(last) if last else "no attempt made")
+
+    async def _request(self, texts: Sequence[str]) -> list[list[float]]:
+        async with self._concurrency:
+            await self._throttle()
+            self.stats.requests += 1
+            if self._send_dimensions:
+                response = await self._client.embeddings.create(
+                    model=self.model,
+                    input=list(texts),
+                    encoding_format="float",
+                    dimensions=self.dimensions,
+                )
+            else:
+                response = await self._client.embeddings.create(
+                    model=self.model, input=list(texts), encoding_format="float"
+                )
+        vectors = sorted(response.data, key=lambda item: item.index)
+        if len(vectors) != len(texts):
+            raise ValueError(f"the API returned {len(vectors)} embeddings for {len(texts)} inputs")
+        result = [list(item.embedding) for item in vectors]
+        if any(len(vector) != self.dimensions for vector in result):
+            raise ValueError(f"the API returned vectors that are not {self.dimensions}-dimensional")
+        self.stats.inputs += len(texts)
+        if response.usage is not None:
+            self.stats.tokens += response.usage.total_tokens
+        return result
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class HashEmbedder:
+    """Offline and deterministic: feature hashing of words into a unit vector.
+
+    Lexical only: texts that share words are close, synonyms are not. For demos and tests.
+    """
+
+    def __init__(self, settings: Settings, stats: EmbedStats | None = None) -> None:
+        self.model = f"hash-{settings.embedding_dimensions}"
+        self.dimensions = settings.embedding_dimensions
+        self.stats = stats or EmbedStats()
+
+    async def close(self) -> None:
+        return None
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.stats.requests += 1
+        self.stats.inputs += len(texts)
+        return [self.vector(text) for text in texts]
+
+    def vector(self, text: str) -> list[float]:
+        values = [0.0] * self.dimensions
+        words = re.findall(r"\w+", text.lower()) or [""]
+        for word in words:
+            digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+            bucket = int.from_bytes(digest[:4], "little") % self.dimensions
+            values[bucket] += 1.0 if digest[4] & 1 else -1.0
+        norm = math.sqrt(sum(value * value for value in values)) or 1.0
+        return [value / norm for value in values]
+
+
+def build_embedder(settings: Settings, stats: EmbedStats | None = None) -> Embedder:
+    if settings.active_embedder is EmbedderName.HASH:
+        return HashEmbedder(settings, stats)
+    return OpenAIEmbedder(settings, stats)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An input the API refused for good, with its reason."""
+
+    error: str
+
+
+async def embed_isolating(embedder: Embedder, texts: Sequence[str]) -> list[list[float] | Refused]:
+    """Embed `texts`; when the API refuses the request, bisect to find the inputs it refuses.
+
+    Transient and quota errors propagate untouched: they say nothing about a particular input.
+    """
+    try:
+        return list(await embedder.embed(texts))
+    except BadInput as exc:
+        if len(texts) == 1:
+            return [Refused(str(exc))]
+    middle = len(texts) // 2
+    left = await embed_isolating(embedder, texts[:middle])
+    right = await embed_isolating(embedder, texts[middle:])
+    return left + right

@@ -1,0 +1,256 @@
+"""Per-project state: dedupe by version, settle delays, and the hand-off of due ids to the pipeline.
+
+States per id (design.md): idle (a cached "done" version), pending (target version, due time) and in
+flight (target version, plus the newest version that arrived meanwhile). Pure in-memory logic with an
+injectable clock; the only awaits are for "something is due" and "there is room".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from loguru import logger
+
+from vector_sync.aio import wait_first
+from vector_sync.events import ChangeEvent, Op, ProjectId, Source
+
+Clock = Callable[[], float]
+
+# Drift-pass and pending-queue events come from the database itself: they are the truth, so they
+# are never dropped as duplicates of a cached "done" version (which may be wrong after a delete and
+# re-insert, or a dead letter).
+AUTHORITATIVE_SOURCES = frozenset({Source.DRIFT, Source.PENDING})
+
+
+class Offer(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    CANCELLED = "cancelled"
+    FULL = "full"
+
+
+@dataclass(slots=True)
+class _Pending:
+    target: int
+    due: float
+    committed_at: float | None
+    attempt: int = 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    target: int
+    committed_at: float | None
+    newer: int | None = None  # a newer version arrived while embedding: run again after
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    project_id: ProjectId
+    target: int
+    committed_at: float | None
+    attempt: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        insert_delay: float,
+        update_delay: float,
+        max_pending: int,
+        clock: Clock = time.monotonic,
+        done_cache_size: int | None = None,
+    ) -> None:
+        self._insert_delay = insert_delay
+        self._update_delay = update_delay
+        self._max_pending = max_pending
+        self._clock = clock
+        self._done_cache_size = done_cache_size or max_pending
+        self._pending: dict[ProjectId, _Pending] = {}
+        self._in_flight: dict[ProjectId, _InFlight] = {}
+        self._done: OrderedDict[ProjectId, int] = OrderedDict()
+        self._heap: list[tuple[float, int, ProjectId]] = []
+        self._sequence = 0
+        self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._last_full_log = -1e9
+        self.overflowed = False
+        """Set when an id was refused for lack of room; a drift pass must pick it up later."""
+        self.counts: dict[str, int] = {offer.value: 0 for offer in Offer}
+
+    # --- sizes, for metrics and tests -------------------------------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self._pending) + len(self._in_flight) < self._max_pending
+
+    def oldest_pending_due(self) -> float | None:
+        return min((pending.due for pending in self._pending.values()), default=None)
+
+    def is_idle(self) -> bool:
+        return not self._pending and not self._in_flight
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def offer(self, event: ChangeEvent) -> Offer:
+        """Take an event; never blocks and never raises for a well-typed event."""
+        result = self._offer(event)
+        self.counts[result.value] += 1
+        return result
+
+    def _offer(self, event: ChangeEvent) -> Offer:
+        key = event.project_id
+        if event.op is Op.DELETE:
+            self._done.pop(key, None)
+            if self._pending.pop(key, None) is not None:
+                self._update_room()
+                return Offer.CANCELLED
+            # An id in flight finishes on its own: its read finds the row gone and stores nothing.
+            return Offer.CANCELLED
+        version = event.version
+        assert version is not None, "only DELETE events may lack a version"
+        authoritative = event.source in AUTHORITATIVE_SOURCES
+        flight = self._in_flight.get(key)
+        if flight is not None:
+            if version > max(flight.target, flight.newer or 0) or (authoritative and flight.newer is None):
+                flight.newer = max(version, flight.target)
+                return Offer.ACCEPTED
+            return Offer.DUPLICATE
+        pending = self._pending.get(key)
+        if pending is not None:
+            if version > pending.target:
+                pending.target = version  # keep the earlier due time: no starvation under edits
+                return Offer.ACCEPTED
+            return Offer.DUPLICATE
+        done = self._done.get(key)
+        if done is not None and version <= done and not authoritative:
+            self._done.move_to_end(key)
+            return Offer.DUPLICATE
+        if not self.has_room:
+            self.overflowed = True
+            now = self._clock()
+            if now - self._last_full_log >= 60:
+                self._last_full_log = now
+                logger.warning(
+                    "scheduler full ({limit} ids pending or in flight): new ids wait for the next drift pass",
+                    limit=self._max_pending,
+                )
+            return Offer.FULL
+        delay = self._insert_delay if event.op is Op.INSERT else self._update_delay
+        if authoritative:
+            delay = 0.0  # the change is already old
+        self._add_pending(key, _Pending(version, self._clock() + delay, event.committed_at))
+        return Offer.ACCEPTED
+
+    def _add_pending(self, key: ProjectId, pending: _Pending) -> None:
+        self._pending[key] = pending
+        self._sequence += 1
+        heapq.heappush(self._heap, (pending.due, self._sequence, key))
+        self._update_room()
+        self._changed.set()
+
+    def _update_room(self) -> None:
+        if self.has_room:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+    # --- hand-off to the pipeline ------------------------------------------------------------
+
+    def take_due(self, limit: int) -> list[Due]:
+        """Move up to `limit` due ids to in flight, oldest due first."""
+        now = self._clock()
+        taken: list[Due] = []
+        while self._heap and len(taken) < limit:
+            due, _, key = self._heap[0]
+            pending = self._pending.get(key)
+            if pending is None or pending.due != due:
+                heapq.heappop(self._heap)  # stale heap entry: cancelled or rescheduled
+                continue
+            if due > now:
+                break
+            heapq.heappop(self._heap)
+            del self._pending[key]
+            self._in_flight[key] = _InFlight(pending.target, pending.committed_at, attempt=pending.attempt)
+            taken.append(Due(key, pending.target, pending.committed_at, pending.attempt))
+        return taken
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the earliest pending id is due (0 if already), None if nothing is pending."""
+        while self._heap:
+            due, _, key = self._heap[0]
+            pending = self._pending.get(key)
+            if pending is None or pending.due != due:
+                heapq.heappop(self._heap)
+                continue
+            return max(0.0, due - self._clock())
+        return None
+
+    async def wait_due(self, stop: asyncio.Event) -> bool:
+        """Wait until an id is due or `stop` is set; True when something is due.
+
+        With nothing pending this waits on events only: no timer runs while the daemon is idle.
+        """
+        while not stop.is_set():
+            delay = self.next_due_in()
+            if delay == 0.0:
+                return True
+            self._changed.clear()
+            await wait_first(self._changed, stop, timeout=delay)
+        return False
+
+    def done(self, key: ProjectId, stored_version: int | None) -> None:
+        """The pipeline finished `key`: `stored_version` is what the database holds now (None: gone)."""
+        flight = self._in_flight.pop(key, None)
+        if flight is None:
+            return
+        if flight.newer is not None:
+            self._add_pending(key, _Pending(flight.newer, self._clock(), flight.committed_at))
+            return
+        if stored_version is None:
+            self._done.pop(key, None)
+        else:
+            self._remember_done(key, stored_version)
+        self._update_room()
+
+    def retry_later(self, key: ProjectId, delay: float) -> None:
+        """Put an in-flight id back to pending after a failure that may pass."""
+        flight = self._in_flight.pop(key, None)
+        if flight is None:
+            return
+        target = max(flight.target, flight.newer or 0)
+        self._add_pending(key, _Pending(target, self._clock() + delay, flight.committed_at, flight.attempt + 1))
+
+    def _remember_done(self, key: ProjectId, version: int) -> None:
+        previous = self._done.get(key, 0)
+        self._done[key] = max(previous, version)
+        self._done.move_to_end(key)
+        while len(self._done) > self._done_cache_size:
+            self._done.popitem(last=False)
+
+    def drain_all(self) -> list[ProjectId]:
+        """At shutdown: forget every pending id and return them (the next start's drift pass has them)."""
+        left = list(self._pending) + list(self._in_flight)
+        self._pending.clear()
+        self._heap.clear()
+        return left

@@ -1,0 +1,76 @@
+"""LISTEN vector_sync: the trigger's pg_notify payloads, on a dedicated connection.
+
+Notifications sent while the connection is down are gone for good, so every (re)connect asks for a
+drift pass. The connection runs no queries of its own while idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from loguru import logger
+
+from vector_sync.aio import backoff, wait_first, wait_or_stop
+from vector_sync.events import IdKind, MalformedEvent, Source, parse_notify
+from vector_sync.ports import EventSink
+
+CHANNEL = "vector_sync"
+
+
+class ListenSource:
+    def __init__(self, dsn: str, sink: EventSink, id_kind: IdKind) -> None:
+        self._dsn = dsn
+        self._sink = sink
+        self._id_kind = id_kind
+
+    async def run(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, server_settings={"application_name": "vector-sync-listen"}, timeout=10
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                delay = backoff(attempt)
+                attempt += 1
+                logger.warning(
+                    "listen: cannot connect ({error}); retry {attempt} in {delay:.1f}s",
+                    error=type(exc).__name__,
+                    attempt=attempt,
+                    delay=delay,
+                )
+                if await wait_or_stop(stop, delay):
+                    return
+                continue
+            attempt = 0
+            await self._listen(conn, stop)
+
+    async def _listen(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, self._on_notification)
+            self._sink.source_state(Source.LISTEN, True)
+            # Anything notified before this point is lost: the database must tell us.
+            self._sink.request_drift("listen connected")
+            await wait_first(stop, lost)
+            if lost.is_set():
+                logger.warning("listen: connection lost; reconnecting")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning("listen: connection failed ({error}); reconnecting", error=type(exc).__name__)
+        finally:
+            self._sink.source_state(Source.LISTEN, False)
+            if not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), timeout=5)
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    conn.terminate()
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            event = parse_notify(str(payload), kind=self._id_kind)
+        except MalformedEvent as exc:
+            self._sink.malformed(Source.LISTEN, exc.reason)
+            return
+        self._sink.offer(event)

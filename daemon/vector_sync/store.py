@@ -1,0 +1,334 @@
+"""Everything the daemon reads from and writes to Postgres, in batches, through one asyncpg pool.
+
+Identifiers are quoted once here (`migrations.quote_*`) when the query texts are built; ids travel as
+text and are cast to the id column's type in SQL, so one code path serves uuid, bigint and text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pgvector import HalfVector, Vector
+from pgvector.asyncpg import register_vector
+
+from vector_sync.config import Settings
+from vector_sync.events import ProjectId
+from vector_sync.migrations import Catalog, quote_ident, quote_table, uses_halfvec
+
+# Errors that mean "the database is unreachable right now", as opposed to a bug in a query.
+DATABASE_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
+
+def content_text(values: Sequence[str | None]) -> str:
+    """The text that is embedded: the content columns in order, empty ones left out."""
+    return "\n\n".join(value for value in values if value)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """One source row as read for embedding, with what is stored for it."""
+
+    project_id: ProjectId
+    version: int
+    text: str
+    sha256: str
+    stored_version: int | None
+    stored_sha256: str | None
+    stored_model: str | None
+    dead_sha256: str | None
+    dead_model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VectorWrite:
+    """A vector to store, or (embedding None) a version move for unchanged text."""
+
+    project_id: ProjectId
+    version: int
+    sha256: str
+    embedding: list[float] | None
+    committed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    project_id: ProjectId
+    version: int
+    sha256: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    rows: int
+    embedded: int
+    current: int
+    stale: int
+    missing: int
+    dead_letters: int
+    pending_webhooks: int | None
+    oldest_stale_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    project_id: str
+    similarity: float
+    text: str
+
+
+class Store:
+    """Queries over the source table and `vector_sync.*`, rendered once for this deployment."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, catalog: Catalog) -> None:
+        self.pool = pool
+        self.model = settings.embedding_model
+        self._halfvec = uses_halfvec(settings.embedding_dimensions)
+        table = quote_table(settings.table)
+        ident = quote_ident(settings.id_column)
+        id_type = catalog.id_kind.sql_type
+        columns = ", ".join(f"t.{quote_ident(column)}::text" for column in settings.content_columns)
+        self._content_count = len(settings.content_columns)
+        self._read_rows = f"""
+            select k.key, t.version, e.version, e.content_sha256, e.model,
+                   d.content_sha256, d.model, {columns}
+              from unnest($1::text[]) as k(key)
+              join {table} t on t.{ident} = k.key::{id_type}
+              left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+              left join vector_sync.dead_letters d on d.project_id = t.{ident}
+        """
+        array_type = "halfvec[]" if self._halfvec else "vector[]"
+        vector_schema = quote_ident(catalog.vector_schema)
+        # The join with the source row makes a write for a deleted row a no-op instead of a foreign
+        # key error, and `t.version >= u.version` keeps a vector from ever getting ahead of its row
+        # (a row deleted and inserted again starts at version 1).
+        self._upsert = f"""
+            insert into vector_sync.project_embeddings as e
+                   (project_id, version, content_sha256, model, embedding, embedded_at, committed_at)
+            select t.{ident}, u.version, u.sha, $5, u.embedding, clock_timestamp(),
+                   to_timestamp(u.committed_at)
+              from unnest($1::text[], $2::bigint[], $3::text[], $4::{vector_schema}.{array_type},
+                          $6::float8[]) as u(key, version, sha, embedding, committed_at)
+              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version
+            on conflict (project_id) do update
+               set version = excluded.version, content_sha256 = excluded.content_sha256,
+                   model = excluded.model, embedding = excluded.embedding,
+                   embedded_at = excluded.embedded_at, committed_at = excluded.committed_at
+             where excluded.version > e.version
+                or (excluded.version = e.version and excluded.model <> e.model)
+            returning e.project_id::text, e.version
+        """
+        self._move_versions = f"""
+            update vector_sync.project_embeddings as e
+               set version = u.version, embedded_at = clock_timestamp(),
+                   committed_at = to_timestamp(u.committed_at)
+              from unnest($1::text[], $2::bigint[], $3::text[], $5::float8[])
+                   as u(key, version, sha, committed_at)
+              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version
+             where e.project_id = t.{ident} and e.version < u.version
+               and e.content_sha256 = u.sha and e.model = $4
+            returning e.project_id::text, e.version
+        """
+        self._clear_dead = f"""
+            delete from vector_sync.dead_letters d using unnest($1::text[]) as k(key)
+             where d.project_id = k.key::{id_type}
+        """
+        self._dead_letter = f"""
+            insert into vector_sync.dead_letters as d
+                   (project_id, version, content_sha256, model, error)
+            select t.{ident}, $2, $3, $4, $5 from {table} t where t.{ident} = $1::{id_type}
+            on conflict (project_id) do update
+               set version = excluded.version, content_sha256 = excluded.content_sha256,
+                   model = excluded.model, error = excluded.error,
+                   attempts = d.attempts + 1, last_failed_at = now()
+        """
+        self._dead_letter_seen = f"""
+            update vector_sync.dead_letters set version = $2
+             where project_id = $1::{id_type} and version < $2
+        """
+        # Keyset pages over the primary key; both sides are walked in id order by their indexes.
+        stale = f"""
+            (e.project_id is null or e.version < t.version or e.model <> $1)
+            and not exists (select 1 from vector_sync.dead_letters d
+                             where d.project_id = t.{ident} and d.version >= t.version and d.model = $1)
+        """
+        self._drift_first = f"""
+            select t.{ident}::text, t.version from {table} t
+              left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+             where {stale}
+             order by t.{ident} limit $2
+        """
+        self._drift_next = f"""
+            select t.{ident}::text, t.version from {table} t
+              left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+             where t.{ident} > $3::{id_type} and {stale}
+             order by t.{ident} limit $2
+        """
+        self._status = f"""
+            select count(*) as rows,
+                   count(e.project_id) as embedded,
+                   count(*) filter (where e.version = t.version and e.model = $1) as current,
+                   count(*) filter (where e.project_id is null) as missing,
+                   extract(epoch from now() - min(e.embedded_at)
+                           filter (where e.version < t.version or e.model <> $1))::float8 as oldest
+              from {table} t left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+        """
+        self._search = f"""
+            select m.id::text, m.similarity, {columns}
+              from public.match_projects($1::{vector_schema}.{array_type.removesuffix("[]")}, $2, $3) m
+              join {table} t on t.{ident} = m.id
+             order by m.similarity desc
+        """
+
+    @staticmethod
+    async def connect(settings: Settings, catalog: Catalog, *, min_size: int = 1) -> Store:
+        async def init(conn: asyncpg.Connection) -> None:
+            await register_vector(conn, schema=catalog.vector_schema)
+
+        assert settings.database_url is not None
+        pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=min_size,
+            max_size=settings.pool_size,
+            init=init,
+            # Idle connections are closed so an idle daemon holds (and pings) as little as possible.
+            max_inactive_connection_lifetime=300,
+            server_settings={"application_name": "vector-sync"},
+        )
+        return Store(pool, settings, catalog)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def read_rows(self, keys: Sequence[ProjectId]) -> dict[ProjectId, RowState]:
+        """The current rows for `keys`; a key missing from the result is a deleted row."""
+        records = await self.pool.fetch(self._read_rows, list(keys))
+        found: dict[ProjectId, RowState] = {}
+        for record in records:
+            text = content_text([record[7 + index] for index in range(self._content_count)])
+            key = ProjectId(record[0])
+            found[key] = RowState(
+                project_id=key,
+                version=record[1],
+                text=text,
+                sha256=sha256_hex(text),
+                stored_version=record[2],
+                stored_sha256=record[3],
+                stored_model=record[4],
+                dead_sha256=record[5],
+                dead_model=record[6],
+            )
+        return found
+
+    async def write(self, writes: Sequence[VectorWrite]) -> dict[ProjectId, int]:
+        """Store vectors and move versions in one transaction; return the versions now stored.
+
+        A write the guard refuses (an older version than the stored one, or a deleted row) is left
+        out of the result.
+        """
+        vectors = [write for write in writes if write.embedding is not None]
+        moves = [write for write in writes if write.embedding is None]
+        applied: dict[ProjectId, int] = {}
+        async with self.pool.acquire() as conn, conn.transaction():
+            if vectors:
+                rows = await conn.fetch(
+                    self._upsert,
+                    [write.project_id for write in vectors],
+                    [write.version for write in vectors],
+                    [write.sha256 for write in vectors],
+                    [self._vector(write.embedding) for write in vectors],
+                    self.model,
+                    [write.committed_at for write in vectors],
+                )
+                applied.update((ProjectId(row[0]), row[1]) for row in rows)
+                await conn.execute(self._clear_dead, [write.project_id for write in vectors])
+            if moves:
+                rows = await conn.fetch(
+                    self._move_versions,
+                    [write.project_id for write in moves],
+                    [write.version for write in moves],
+                    [write.sha256 for write in moves],
+                    self.model,
+                    [write.committed_at for write in moves],
+                )
+                applied.update((ProjectId(row[0]), row[1]) for row in rows)
+        return applied
+
+    def _vector(self, embedding: list[float] | None) -> Any:
+        return HalfVector(embedding) if self._halfvec else Vector(embedding)
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        await self.pool.execute(
+            self._dead_letter,
+            letter.project_id,
+            letter.version,
+            letter.sha256,
+            self.model,
+            letter.error[:2000],
+        )
+
+    async def note_dead_letter_version(self, project_id: ProjectId, version: int) -> None:
+        """The text of a dead-lettered row is unchanged at a newer version: keep it out of drift."""
+        await self.pool.execute(self._dead_letter_seen, project_id, version)
+
+    async def drift_page(self, after: str | None, limit: int) -> list[tuple[ProjectId, int]]:
+        """Up to `limit` rows whose vector is missing or behind, with ids after `after`."""
+        if after is None:
+            rows = await self.pool.fetch(self._drift_first, self.model, limit)
+        else:
+            rows = await self.pool.fetch(self._drift_next, self.model, limit, after)
+        return [(ProjectId(row[0]), row[1]) for row in rows]
+
+    async def status(self) -> Status:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(self._status, self.model)
+            dead = await conn.fetchval("select count(*) from vector_sync.dead_letters")
+            pending_table = await conn.fetchval("select to_regclass('vector_sync.pending_webhooks')")
+            pending = (
+                await conn.fetchval("select count(*) from vector_sync.pending_webhooks")
+                if pending_table is not None
+                else None
+            )
+        assert row is not None
+        return Status(
+            rows=row["rows"],
+            embedded=row["embedded"],
+            current=row["current"],
+            stale=row["embedded"] - row["current"],
+            missing=row["missing"],
+            dead_letters=dead,
+            pending_webhooks=pending,
+            oldest_stale_seconds=row["oldest"],
+        )
+
+    async def search(self, embedding: list[float], limit: int, min_similarity: float = 0.0) -> list[SearchHit]:
+        rows = await self.pool.fetch(self._search, self._vector(embedding), limit, min_similarity)
+        return [
+            SearchHit(
+                project_id=row[0],
+                similarity=row[1],
+                text=content_text([row[2 + index] for index in range(self._content_count)]),
+            )
+            for row in rows
+        ]
