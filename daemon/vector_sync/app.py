@@ -124,6 +124,9 @@ class Daemon:
             logger.error("cannot start: {error}", error=str(exc))
             await self._close()
             return 1
+        except BaseException:
+            await self._close()
+            raise
         tasks = self._spawn()
         self.started.set()
         code = await self._supervise(tasks, stop)

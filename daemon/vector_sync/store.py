@@ -157,7 +157,7 @@ class Store:
         self._dead_letter = f"""
             insert into vector_sync.dead_letters as d
                    (project_id, version, content_sha256, model, error)
-            select t.{ident}, $2, $3, $4, $5 from {table} t where t.{ident} = $1::{id_type}
+            select t.{ident}, $2, $3, $4, $5 from {table} t where t.{ident} = $1::text::{id_type}
             on conflict (project_id) do update
                set version = excluded.version, content_sha256 = excluded.content_sha256,
                    model = excluded.model, error = excluded.error,
@@ -165,7 +165,7 @@ class Store:
         """
         self._dead_letter_seen = f"""
             update vector_sync.dead_letters set version = $2
-             where project_id = $1::{id_type} and version < $2
+             where project_id = $1::text::{id_type} and version < $2
         """
         # Keyset pages over the primary key; both sides are walked in id order by their indexes.
         stale = f"""
@@ -182,7 +182,7 @@ class Store:
         self._drift_next = f"""
             select t.{ident}::text, t.version from {table} t
               left join vector_sync.project_embeddings e on e.project_id = t.{ident}
-             where t.{ident} > $3::{id_type} and {stale}
+             where t.{ident} > $3::text::{id_type} and {stale}
              order by t.{ident} limit $2
         """
         self._status = f"""

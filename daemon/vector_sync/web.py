@@ -65,7 +65,7 @@ class HttpServer:
             self._build(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+        site = web.TCPSite(runner, self._host, self._port)
         await site.start()
         self._runner = runner
         sockets = [server_socket for server in runner.sites for server_socket in _sockets(server)]
