@@ -1,0 +1,190 @@
+"""The scheduler's state machine (design.md, "Scheduler state per id"), with a clock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from vector_sync.events import ChangeEvent, Op, ProjectId, Source
+from vector_sync.scheduler import Offer, Scheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def event(key: str, version: int | None, op: Op = Op.UPDATE, source: Source = Source.LISTEN) -> ChangeEvent:
+    return ChangeEvent(ProjectId(key), version, op, source)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def scheduler(clock: Clock) -> Scheduler:
+    return Scheduler(insert_delay=20, update_delay=0, max_pending=5, clock=clock)
+
+
+def taken(scheduler: Scheduler, limit: int = 100) -> list[tuple[str, int]]:
+    return [(due.project_id, due.target) for due in scheduler.take_due(limit)]
+
+
+def test_update_is_due_at_once_insert_after_its_delay(scheduler: Scheduler, clock: Clock) -> None:
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+    assert scheduler.offer(event("b", 2)) is Offer.ACCEPTED
+    assert taken(scheduler) == [("b", 2)]
+    clock.now += 19.9
+    assert taken(scheduler) == []
+    clock.now += 0.1
+    assert taken(scheduler) == [("a", 1)]
+
+
+def test_events_at_or_below_the_known_version_are_duplicates(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 3))
+    assert scheduler.offer(event("a", 3, source=Source.WEBHOOK)) is Offer.DUPLICATE
+    assert scheduler.offer(event("a", 2)) is Offer.DUPLICATE
+    assert taken(scheduler) == [("a", 3)]
+    assert scheduler.offer(event("a", 3)) is Offer.DUPLICATE  # in flight
+    scheduler.done(ProjectId("a"), 3)
+    assert scheduler.offer(event("a", 3, source=Source.WEBHOOK)) is Offer.DUPLICATE  # done
+    assert scheduler.offer(event("a", 4)) is Offer.ACCEPTED
+    assert scheduler.counts["duplicate"] == 4
+
+
+def test_a_newer_version_while_pending_keeps_the_earlier_due_time(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 1, Op.INSERT))
+    for step in range(1, 30):
+        clock.now += 1
+        scheduler.offer(event("a", 1 + step))
+        if clock.now >= 1020:
+            break
+    # Constant edits do not push the insert's due time back: no starvation.
+    assert taken(scheduler) == [("a", 21)]
+
+
+def test_delete_cancels_what_is_pending_and_forgets_the_version(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 5, Op.INSERT))
+    assert scheduler.offer(event("a", None, Op.DELETE)) is Offer.CANCELLED
+    clock.now += 100
+    assert taken(scheduler) == []
+    # The same id inserted again starts at version 1, below what was seen before: not a duplicate.
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+
+
+def test_a_newer_version_while_in_flight_runs_again_after(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 1))
+    assert taken(scheduler) == [("a", 1)]
+    assert scheduler.offer(event("a", 2)) is Offer.ACCEPTED
+    assert scheduler.offer(event("a", 3)) is Offer.ACCEPTED
+    assert scheduler.offer(event("a", 3)) is Offer.DUPLICATE
+    assert taken(scheduler) == []  # not twice at once
+    scheduler.done(ProjectId("a"), 1)
+    assert taken(scheduler) == [("a", 3)]
+    scheduler.done(ProjectId("a"), 3)
+    assert scheduler.is_idle()
+
+
+def test_drift_events_are_not_dropped_by_the_done_cache(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 4))
+    taken(scheduler)
+    scheduler.done(ProjectId("a"), 4)
+    assert scheduler.offer(event("a", 4)) is Offer.DUPLICATE
+    # The database says the vector is behind: the cache is wrong, look again.
+    assert scheduler.offer(event("a", 4, source=Source.DRIFT)) is Offer.ACCEPTED
+    assert taken(scheduler) == [("a", 4)]
+    # In flight, the drift pass asks for another look after this one.
+    assert scheduler.offer(event("a", 4, source=Source.DRIFT)) is Offer.ACCEPTED
+    scheduler.done(ProjectId("a"), 4)
+    assert taken(scheduler) == [("a", 4)]
+
+
+def test_drift_events_have_no_settle_delay(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 1, Op.INSERT, Source.DRIFT))
+    assert taken(scheduler) == [("a", 1)]
+
+
+def test_a_full_scheduler_refuses_new_ids_but_not_known_ones(scheduler: Scheduler) -> None:
+    for index in range(5):
+        assert scheduler.offer(event(f"id{index}", 1)) is Offer.ACCEPTED
+    assert not scheduler.has_room
+    assert scheduler.offer(event("new", 1)) is Offer.FULL
+    assert scheduler.overflowed
+    assert scheduler.offer(event("id0", 2)) is Offer.ACCEPTED  # already tracked: no new memory
+    batch = taken(scheduler, 2)
+    assert len(batch) == 2
+    scheduler.done(ProjectId(batch[0][0]), batch[0][1])
+    assert scheduler.has_room
+
+
+async def test_wait_for_room_wakes_when_an_id_is_done(scheduler: Scheduler) -> None:
+    for index in range(5):
+        scheduler.offer(event(f"id{index}", 1))
+    taken(scheduler, 1)
+    waiter = asyncio.create_task(scheduler.wait_for_room())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    scheduler.done(ProjectId("id0"), 1)
+    await asyncio.wait_for(waiter, timeout=5)
+
+
+def test_retry_later_backs_off_and_counts_attempts(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 1))
+    (due,) = scheduler.take_due(10)
+    assert due.attempt == 0
+    scheduler.offer(event("a", 2))
+    scheduler.retry_later(ProjectId("a"), 30)
+    clock.now += 29
+    assert taken(scheduler) == []
+    clock.now += 1
+    (due,) = scheduler.take_due(10)
+    assert (due.target, due.attempt) == (2, 1)
+
+
+def test_take_due_is_earliest_due_first_and_bounded(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("insert", 1, Op.INSERT))  # due at +20
+    clock.now += 5
+    scheduler.offer(event("u1", 1))  # due at +5
+    clock.now += 10
+    scheduler.offer(event("u2", 1))  # due at +15
+    clock.now += 10
+    assert taken(scheduler, 2) == [("u1", 1), ("u2", 1)]
+    assert taken(scheduler, 2) == [("insert", 1)]
+
+
+def test_the_done_cache_is_bounded(clock: Clock) -> None:
+    scheduler = Scheduler(insert_delay=0, update_delay=0, max_pending=10, clock=clock, done_cache_size=3)
+    for index in range(6):
+        scheduler.offer(event(f"id{index}", 1))
+        taken(scheduler)
+        scheduler.done(ProjectId(f"id{index}"), 1)
+    assert scheduler.offer(event("id5", 1)) is Offer.DUPLICATE
+    # Evicted from the cache: accepted again; the pipeline's hash check keeps that free.
+    assert scheduler.offer(event("id0", 1)) is Offer.ACCEPTED
+
+
+async def test_wait_due_wakes_on_a_new_event_and_on_stop(scheduler: Scheduler) -> None:
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(scheduler.wait_due(stop))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    scheduler.offer(event("a", 1))
+    assert await asyncio.wait_for(waiter, timeout=5) is True
+    taken(scheduler)
+    waiter = asyncio.create_task(scheduler.wait_due(stop))
+    await asyncio.sleep(0)
+    stop.set()
+    assert await asyncio.wait_for(waiter, timeout=5) is False
+
+
+def test_next_due_in_reports_the_wait(scheduler: Scheduler, clock: Clock) -> None:
+    assert scheduler.next_due_in() is None
+    scheduler.offer(event("a", 1, Op.INSERT))
+    assert scheduler.next_due_in() == 20
+    clock.now += 25
+    assert scheduler.next_due_in() == 0
