@@ -1,0 +1,216 @@
+"""The `vector-sync` commands as a user runs them: real subprocesses, real database, real test API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+from embedding_api import EmbeddingAPI, Fault
+from support import API_KEY, DIMENSIONS, WEBHOOK_SECRET, all_current, wait_until
+
+
+def base_env(**values: str) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PYTHONUNBUFFERED": "1"}
+    env.update(values)
+    return env
+
+
+def daemon_env(dsn: str, api: EmbeddingAPI, **values: str) -> dict[str, str]:
+    return base_env(
+        DATABASE_URL=dsn,
+        OPENAI_API_KEY=API_KEY,
+        OPENAI_BASE_URL=api.url,
+        VECTOR_SYNC_EMBEDDING_DIMENSIONS=str(DIMENSIONS),
+        **values,
+    )
+
+
+async def vector_sync(*args: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vector_sync",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_migrate_is_idempotent_from_the_command_line(pg_server: str) -> None:
+    from support import PROJECTS_SQL, create_database
+
+    dsn = await create_database(pg_server, template="template0")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(PROJECTS_SQL)
+        env = base_env(DATABASE_URL=dsn, VECTOR_SYNC_EMBEDDING_DIMENSIONS=str(DIMENSIONS))
+        first, second = await asyncio.gather(vector_sync("migrate", env=env), vector_sync("migrate", env=env))
+        assert first[0] == 0 and second[0] == 0, first[2] + second[2]
+        assert await conn.fetchval("select count(*) from vector_sync.schema_migrations") == 1
+        code, _, err = await vector_sync("migrate", env=env)
+        assert code == 0 and "0 applied now" in err
+    finally:
+        await conn.close()
+
+
+async def test_migrate_fails_cleanly_without_the_table(pg_server: str) -> None:
+    from support import create_database
+
+    dsn = await create_database(pg_server, template="template0")
+    code, _, err = await vector_sync("migrate", env=base_env(DATABASE_URL=dsn))
+    assert code == 1
+    assert "public.projects does not exist" in err
+
+
+async def test_reconcile_status_and_search(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
+    await db.executemany(
+        "insert into projects (name, description) values ($1, $2)",
+        [(f"project {i}", f"about topic {i}") for i in range(30)],
+    )
+    env = daemon_env(dsn, api)
+    code, out, err = await vector_sync("status", env=env)
+    assert code == 0, err
+    assert "missing" in out and " 30" in out
+    code, out, err = await vector_sync("reconcile", env=env)
+    assert code == 0, err
+    assert "30 rows were missing or behind; all current" in out
+    assert "30/30" in err  # the progress bar
+    assert await all_current(db)
+    code, out, _ = await vector_sync("status", env=env)
+    assert [line.split()[-1] for line in out.splitlines()[:5]] == ["30", "30", "30", "0", "0"]
+    code, out, err = await vector_sync("search", "project 7\n\nabout topic 7", "--limit", "3", env=env)
+    assert code == 0, err
+    assert out.splitlines()[0].split()[0] == "1.000"  # the identical text is the nearest
+    assert "project 7" in out.splitlines()[0]
+
+
+async def test_check_reports_each_part(dsn: str, api: EmbeddingAPI) -> None:
+    code, out, err = await vector_sync("check", env=daemon_env(dsn, api))
+    assert code == 0, out + err
+    assert out.splitlines()[0].startswith("ok")
+    assert any(line.startswith("ok") and "embedding" in line for line in out.splitlines())
+    api.script(*[Fault.server_error(500) for _ in range(10)])
+    code, out, _ = await vector_sync("check", env=daemon_env(dsn, api, VECTOR_SYNC_MAX_RETRIES="0"))
+    assert code == 1
+    assert any(line.startswith("FAIL") and "embedding" in line for line in out.splitlines())
+    code, out, _ = await vector_sync("check", env=daemon_env("postgresql://nobody@127.0.0.1:1/none", api))
+    assert code == 1
+    assert any(line.startswith("FAIL") and "database" in line for line in out.splitlines())
+
+
+async def test_run_serves_and_stops_cleanly_on_sigterm(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
+    port = free_port()
+    env = daemon_env(
+        dsn,
+        api,
+        VECTOR_SYNC_HTTP_HOST="127.0.0.1",
+        VECTOR_SYNC_HTTP_PORT=str(port),
+        VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        VECTOR_SYNC_INSERT_DELAY="0s",
+        VECTOR_SYNC_LOG_FORMAT="json",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vector_sync", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def ready() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{port}/readyz") as response,
+                ):
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, what="/readyz to answer 200")
+        await db.execute("insert into projects (name, description) values ('Stargazer', 'planets tonight')")
+        await wait_until(lambda: all_current(db), what="the insert to be embedded by the subprocess")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    log = (await process.stderr.read()).decode()
+    assert '"message": "stopped in' in log
+    assert API_KEY not in log and WEBHOOK_SECRET not in log
+
+
+async def test_run_fails_fast_when_migrations_are_missing(pg_server: str) -> None:
+    from support import PROJECTS_SQL, create_database
+
+    dsn = await create_database(pg_server, template="template0")
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("create extension vector")
+    await conn.execute(PROJECTS_SQL)
+    await conn.close()
+    code, _, err = await vector_sync("run", env=base_env(DATABASE_URL=dsn, VECTOR_SYNC_EMBEDDER="hash"))
+    assert code == 1
+    assert "vector-sync migrate" in err
+
+
+async def test_run_embedded_starts_its_own_postgres(tmp_path: Path) -> None:
+    port = free_port()
+    env = base_env(VECTOR_SYNC_EMBEDDER="hash", VECTOR_SYNC_HTTP_HOST="127.0.0.1", VECTOR_SYNC_HTTP_PORT=str(port))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vector_sync",
+        "run",
+        "--embedded",
+        "--data-dir",
+        str(tmp_path / "pgdata"),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def ready() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{port}/readyz") as response,
+                ):
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, timeout=60, what="the embedded daemon to be ready")
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (tmp_path / "pgdata" / "PG_VERSION").exists()
+
+
+async def test_demo_runs_end_to_end() -> None:
+    code, out, err = await vector_sync("demo", env=base_env(), timeout=60)
+    assert code == 0, out + err
+    assert "all 30 embedded" in out
+    assert "skipped as unchanged" in out
+    assert "vector removed" in out
+    assert "deduplicated" in out
+    assert "Birdsong" in out.split('search "bird recordings":')[1].splitlines()[1]
+    assert "temporary files removed" in out
