@@ -135,6 +135,10 @@ class Daemon:
 
     async def _start(self) -> None:
         settings = self.settings
+        if SourceName.REALTIME in settings.active_sources:
+            raise FatalError(
+                "the realtime source is not available in this version; set VECTOR_SYNC_SOURCES to listen and/or webhook"
+            )
         catalog = self._catalog or await load_catalog(settings)
         try:
             self.store = await Store.connect(settings, catalog)

@@ -43,8 +43,6 @@ class _Scrubber:
         for key, value in list(record["extra"].items()):
             if isinstance(value, str):
                 record["extra"][key] = self.scrub(value)
-        if record["exception"] is not None:
-            record["extra"]["_scrub"] = self  # read by the sinks for tracebacks
 
 
 def _json_sink(stream: TextIO, scrubber: _Scrubber) -> Any:
@@ -57,8 +55,6 @@ def _json_sink(stream: TextIO, scrubber: _Scrubber) -> Any:
             "logger": record["name"],
         }
         for key, value in record["extra"].items():
-            if key.startswith("_"):
-                continue
             entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
         if record["exception"] is not None:
             entry["exception"] = scrubber.scrub(str(message).rstrip().split("\n", 1)[-1])
@@ -91,7 +87,7 @@ def setup(
         logger.add(
             _text_sink(target, scrubber),
             level=level,
-            format=TEXT_FORMAT + "\n{exception}",
+            format=TEXT_FORMAT,
             backtrace=False,
             diagnose=False,
         )
