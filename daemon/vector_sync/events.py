@@ -6,6 +6,7 @@ No I/O here: sources hand bytes or dicts in, get a `ChangeEvent` or a `Malformed
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ _INT_RANGES = {
 }
 
 
+# ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses or reads differently.
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,19}")
+
+
 class MalformedEvent(ValueError):
     """Input that cannot become a ChangeEvent. `status` is the HTTP status a webhook answers."""
 
@@ -79,7 +84,7 @@ def normalize_id(raw: object, kind: IdKind) -> ProjectId:
             return ProjectId(str(raw))
         raise MalformedEvent("id is not a non-empty string")
     low, high = _INT_RANGES[kind]
-    if isinstance(raw, str) and raw.lstrip("-").isdigit() and len(raw) <= 20:
+    if isinstance(raw, str) and _INTEGER_TEXT.fullmatch(raw):
         raw = int(raw)
     if isinstance(raw, int) and low <= raw <= high:
         return ProjectId(str(raw))
@@ -128,7 +133,8 @@ def parse_webhook(
     """A Supabase Database Webhook body → ChangeEvent. Status 400 for non-JSON, 422 for bad shape."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # ValueError covers bad JSON, bad UTF-8 and integers longer than Python will convert.
         raise MalformedEvent("body is not JSON", status=400) from None
     if not isinstance(payload, dict):
         raise MalformedEvent("body is not a JSON object", status=400)
@@ -156,7 +162,7 @@ def parse_notify(payload: str, *, kind: IdKind) -> ChangeEvent:
     """The trigger's `pg_notify('vector_sync', …)` payload → ChangeEvent."""
     try:
         data: Any = json.loads(payload)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise MalformedEvent("notification is not JSON") from None
     if not isinstance(data, dict):
         raise MalformedEvent("notification is not a JSON object")

@@ -127,6 +127,11 @@ def vector_type(dimensions: int, vector_schema: str) -> tuple[str, str]:
 
 
 def render(template: str, settings: Settings, catalog: Catalog) -> str:
+    for line in template.splitlines():
+        comment = line.find("--")
+        if comment != -1 and "{{" in line[comment:]:
+            # A quoted name may hold a line break, which would end the comment and run the rest.
+            raise ValueError(f"a placeholder inside an SQL comment: {line.strip()!r}")
     column_type, opclass = vector_type(settings.embedding_dimensions, catalog.vector_schema)
     values = {
         "table": quote_table(settings.table),

@@ -1,6 +1,6 @@
 -- vector-sync migration 0001: the core objects.
--- Rendered for source table {{table}} (id column {{id_column}}, {{id_type}}), {{dimensions}} dimensions.
--- Every placeholder is filled with a quoted identifier or a validated number, never with raw input.
+-- Every placeholder is filled with a quoted identifier, a type from a fixed list or a validated
+-- number. None stands in a comment: a name may hold a newline, which would end the comment.
 
 create schema if not exists vector_sync;
 revoke all on schema vector_sync from public;
@@ -86,7 +86,7 @@ create or replace trigger projects_change_trigger
   for each row execute function vector_sync.notify_project_change_direct();
 
 -- Similarity search for applications. SECURITY INVOKER and joined with the source table, so the
--- caller's row level security on {{table}} decides which rows come back.
+-- caller's row level security on the source table decides which rows come back.
 create or replace function public.match_projects(
   query_embedding {{vector_type}},
   match_count integer default 10,

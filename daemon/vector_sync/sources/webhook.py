@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ MAX_BODY_BYTES = 1024 * 1024
 TIMESTAMP_TOLERANCE_SECONDS = 300
 MAX_TRACKED_ADDRESSES = 10_000
 MAX_WEBHOOK_ID_LENGTH = 256
+# Unix seconds as ASCII digits; a bound on the length keeps the arithmetic in range.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
 def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
@@ -39,18 +42,17 @@ def verify_signature(
     """None when the Standard Webhooks headers are valid for `body`, else the reason they are not."""
     if not webhook_id or not timestamp or not signatures:
         return "missing webhook signature headers"
-    if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH:
-        return "webhook-id too long"
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
+    if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH or not webhook_id.isascii():
+        return "bad webhook-id"
+    if not _TIMESTAMP.fullmatch(timestamp):
         return "bad webhook-timestamp"
+    sent_at = int(timestamp)
     if abs(now - sent_at) > TIMESTAMP_TOLERANCE_SECONDS:
         return "webhook-timestamp outside tolerance"
     expected = sign(key, webhook_id, sent_at, body).encode()
     for candidate in signatures.split(" "):
         version, _, value = candidate.partition(",")
-        if version == "v1" and hmac.compare_digest(value.encode(), expected):
+        if version == "v1" and value.isascii() and hmac.compare_digest(value.encode(), expected):
             return None
     return "bad signature"
 
@@ -59,7 +61,9 @@ def verify_bearer(token: str, authorization: str | None) -> bool:
     if not authorization:
         return False
     scheme, _, value = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+    # Header text may carry undecodable bytes as surrogates; compare bytes without raising.
+    offered = value.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(offered, token.encode("utf-8", "surrogateescape"))
 
 
 @dataclass(slots=True)
