@@ -646,11 +646,7 @@ class EmbeddingAPI:
             raise _BadRequest("you must provide a model parameter", param=None)
 
         dimensions = payload.get("dimensions", self.dimensions)
-        if (
-            isinstance(dimensions, bool)
-            or not isinstance(dimensions, int)
-            or not 1 <= dimensions <= _MAX_DIMENSIONS
-        ):
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= _MAX_DIMENSIONS:
             raise _BadRequest(f"Invalid value for 'dimensions' = {dimensions!r}.", param="dimensions")
         encoding_format = payload.get("encoding_format", "float")
         if encoding_format not in ("float", "base64"):
@@ -834,8 +830,7 @@ def _fault_response(fault: Fault, headers: Mapping[str, str]) -> web.Response | 
     if fault.kind == "unauthorized":
         return _json_error(
             401,
-            "Incorrect API key provided. You can find your API key at "
-            "https://platform.openai.com/account/api-keys.",
+            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
             "invalid_request_error",
             code="invalid_api_key",
             headers=headers,

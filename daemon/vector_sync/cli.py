@@ -21,7 +21,15 @@ from vector_sync.drift import DriftPass
 from vector_sync.embedder import build_embedder
 from vector_sync.events import IdKind
 from vector_sync.metrics import Metrics
-from vector_sync.migrations import Catalog, SchemaError, load_migrations, migrate, read_catalog
+from vector_sync.migrations import (
+    Catalog,
+    SchemaError,
+    load_migrations,
+    migrate,
+    quote_ident,
+    read_catalog,
+    read_id_kind,
+)
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Scheduler
 from vector_sync.store import DATABASE_UNAVAILABLE, Store
@@ -152,7 +160,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
             return _database_failure("reading the catalog", exc)
     out = [
         "-- vector-sync migrations, rendered by `vector-sync sql`",
-        f"create extension if not exists vector with schema {catalog.vector_schema};",
+        f"create extension if not exists vector with schema {quote_ident(catalog.vector_schema)};",
         "create schema if not exists vector_sync;",
         "create table if not exists vector_sync.schema_migrations (number integer primary key, name text not null, "
         "checksum text not null, applied_at timestamptz not null default now());",
@@ -175,8 +183,6 @@ async def _read_catalog_for_sql(settings: Settings, vector_schema: str) -> Catal
         try:
             return await read_catalog(conn, settings)
         except SchemaError:
-            from vector_sync.migrations import read_id_kind
-
             return Catalog(await read_id_kind(conn, settings.table, settings.id_column), vector_schema)
     finally:
         await conn.close()

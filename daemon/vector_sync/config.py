@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -203,6 +204,13 @@ class Settings(BaseSettings):
             decode_webhook_secret(value.get_secret_value())
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+            raise ValueError("expected a postgres:// or postgresql:// DSN")
+        return value
+
     @field_validator("supabase_url", "openai_base_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -251,12 +259,14 @@ class Settings(BaseSettings):
 
 
 ENV_NAMES: dict[str, str] = {}
+"""Field name → the variable(s) that set it, as shown in help texts."""
+FIELD_OF_VARIABLE: dict[str, str] = {}
+"""Every variable name (aliases included) → its field."""
 for _name, _field in Settings.model_fields.items():
     _alias = _field.validation_alias
-    if isinstance(_alias, str):
-        ENV_NAMES[_name] = _alias
-    elif isinstance(_alias, AliasChoices):
-        ENV_NAMES[_name] = " / ".join(str(choice) for choice in _alias.choices)
+    _choices = [str(choice) for choice in _alias.choices] if isinstance(_alias, AliasChoices) else [str(_alias)]
+    ENV_NAMES[_name] = " / ".join(_choices)
+    FIELD_OF_VARIABLE.update(dict.fromkeys(_choices, _name))
 SECRET_FIELDS = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
 
 
@@ -278,19 +288,44 @@ def _shown(field: str, value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "...'"
 
 
+def _variable_given(field: str, overrides: dict[str, Any]) -> str:
+    """Which of a field's variables the user actually set (PORT or VECTOR_SYNC_HTTP_PORT, ...)."""
+    choices = ENV_NAMES[field].split(" / ")
+    for choice in choices:
+        if choice in overrides or choice in os.environ:
+            return choice
+    return choices[0]
+
+
 def load_settings(*, require_database: bool = True, require_embedder: bool = True, **overrides: Any) -> Settings:
-    """Build the settings from the environment, `.env` and `overrides`; raise `ConfigError`."""
+    """Build the settings from the environment, `.env` and `overrides`; raise `ConfigError`.
+
+    Every problem is reported at once: values that fail validation, and (with those set aside)
+    values that are missing or do not fit together.
+    """
+    problems: list[str] = []
+    failed: set[str] = set()
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            name = ENV_NAMES.get(field, field)
+            location = str(error["loc"][0]) if error["loc"] else "?"
+            field = FIELD_OF_VARIABLE.get(location, location)
+            failed.add(field)
+            name = _variable_given(field, overrides) if field in ENV_NAMES else location
             reason = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{name}: got {_shown(field, error.get('input'))}: {reason}")
-        raise ConfigError(problems) from None
-    problems = requirement_problems(settings, require_database=require_database, require_embedder=require_embedder)
+        # Set the bad values aside (their defaults stand in) to find what else is wrong.
+        stand_ins = {field: Settings.model_fields[field].default for field in failed if field in ENV_NAMES}
+        try:
+            settings = Settings(**{**overrides, **stand_ins})
+        except ValidationError:
+            raise ConfigError(problems) from None
+    problems += requirement_problems(
+        settings,
+        require_database=require_database and "database_url" not in failed,
+        require_embedder=require_embedder and not failed & {"embedder", "openai_api_key"},
+    )
     if problems:
         raise ConfigError(problems)
     return settings
