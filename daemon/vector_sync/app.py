@@ -205,7 +205,10 @@ class Daemon:
             jobs["listen"] = listen.run(self._stopping)
         if self.webhook is not None:
             self.intake.source_state(Source.WEBHOOK, True)
-        self.drift.request("start-up")
+        if SourceName.LISTEN not in self.settings.active_sources:
+            # Otherwise the listener asks once it is connected: a pass before that could miss
+            # changes made between the pass and the LISTEN.
+            self.drift.request("start-up")
         return {asyncio.create_task(job, name=f"vector-sync-{name}"): name for name, job in jobs.items()}
 
     async def _supervise(self, tasks: dict[asyncio.Task[None], str], stop: asyncio.Event) -> int:

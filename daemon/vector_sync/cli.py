@@ -41,6 +41,7 @@ EMBEDDING_VARS = [
     "embedder",
     "embedding_model",
     "embedding_dimensions",
+    "encoding_format",
     "batch_size",
     "max_requests_per_second",
     "max_concurrent_requests",

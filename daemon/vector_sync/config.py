@@ -132,6 +132,7 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
     embedder: EmbedderName | None = Field(None, validation_alias="VECTOR_SYNC_EMBEDDER")
     embedding_model: str = Field("text-embedding-3-small", validation_alias="VECTOR_SYNC_EMBEDDING_MODEL")
+    encoding_format: Literal["float", "base64"] = Field("float", validation_alias="VECTOR_SYNC_ENCODING_FORMAT")
     embedding_dimensions: int = Field(1536, ge=1, le=16000, validation_alias="VECTOR_SYNC_EMBEDDING_DIMENSIONS")
     sources: Annotated[frozenset[SourceName] | None, NoDecode] = Field(None, validation_alias="VECTOR_SYNC_SOURCES")
     webhook_secret: SecretStr | None = Field(None, validation_alias="VECTOR_SYNC_WEBHOOK_SECRET")

@@ -50,6 +50,7 @@ class BatchReport:
     dead: int = 0
     deferred: int = 0
     api_inputs: int = 0
+    api_requests: int = 0
     latencies: list[float] = field(default_factory=list)
 
 
@@ -181,7 +182,7 @@ class Pipeline:
         for group in chunk_for_requests(texts, self._batch_size):
             chunk = [texts[index] for index in group]
             try:
-                results = await embed_isolating(self._embedder, chunk)
+                isolated = await embed_isolating(self._embedder, chunk)
             except TransientEmbeddingError as exc:
                 self._metrics.errors.labels("transient").inc()
                 self._defer([due for text in chunk for due, _ in unique.pop(text)], report, str(exc))
@@ -190,8 +191,9 @@ class Pipeline:
                 self._metrics.errors.labels("quota").inc()
                 raise
             report.api_inputs += len(chunk)
+            report.api_requests += isolated.requests
             self._pause_length = QUOTA_PAUSE_FIRST  # the API answered: the next pause starts short
-            for text, result in zip(chunk, results, strict=True):
+            for text, result in zip(chunk, isolated.results, strict=True):
                 if isinstance(result, Refused):
                     self._metrics.errors.labels("bad_input").inc()
                     for due, row in unique.pop(text):
@@ -276,7 +278,7 @@ class Pipeline:
         latency = max(report.latencies) if report.latencies else None
         logger.info(
             "batch rows={rows} embedded={embedded} unchanged={unchanged} current={current} "
-            "deleted={deleted} dead={dead} deferred={deferred} api_inputs={api_inputs} "
+            "deleted={deleted} dead={dead} deferred={deferred} api_requests={api_requests} api_inputs={api_inputs} "
             "took_ms={took:.0f} max_commit_latency_ms={latency}",
             rows=report.rows,
             embedded=report.embedded,
@@ -285,9 +287,10 @@ class Pipeline:
             deleted=report.deleted,
             dead=report.dead,
             deferred=report.deferred,
+            api_requests=report.api_requests,
             api_inputs=report.api_inputs,
             took=(time.monotonic() - started) * 1000,
-            latency=f"{latency * 1000:.0f}" if latency is not None else "-",
+            latency=None if latency is None else round(latency * 1000),
         )
 
 
