@@ -221,7 +221,7 @@ def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[lis
     vectors: list[list[float] | None] = [None] * count
     for item in payload["data"]:
         index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < count or vectors[index] is not None:
+        if type(index) is not int or not 0 <= index < count or vectors[index] is not None:
             raise ValueError("the API answered with a bad or repeated index")
         embedding = item.get("embedding")
         if isinstance(embedding, str):
