@@ -214,3 +214,12 @@ async def test_demo_runs_end_to_end() -> None:
     assert "deduplicated" in out
     assert "Birdsong" in out.split('search "bird recordings":')[1].splitlines()[1]
     assert "temporary files removed" in out
+
+
+async def test_reconcile_gives_up_when_embedding_is_paused(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
+    await db.execute("insert into projects (name, description) values ('a', 'b')")
+    api.script(Fault.quota())
+    code, out, _ = await vector_sync("reconcile", env=daemon_env(dsn, api), timeout=60)
+    assert code == 1
+    assert "some remain: embedding is paused" in out
+    assert api.request_count == 1

@@ -151,8 +151,15 @@ def test_sources_default_to_listen() -> None:
 
 
 def test_sources_default_to_realtime_when_supabase_url_is_set() -> None:
-    s = settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="service-key-1")
+    # The default itself (interface.md); Settings alone does not run the cross-variable checks.
+    s = Settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="service-key-1")
     assert s.active_sources == {SourceName.REALTIME}
+
+
+def test_the_realtime_source_is_refused_until_it_exists() -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="service-key-1")
+    assert any(problem.startswith("VECTOR_SYNC_SOURCES: got 'realtime'") for problem in raised.value.problems)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +167,7 @@ def test_sources_default_to_realtime_when_supabase_url_is_set() -> None:
 )
 def test_sources_add_webhook_when_a_secret_or_token_is_set(extra: dict[str, str]) -> None:
     assert settings(**extra).active_sources == {SourceName.LISTEN, SourceName.WEBHOOK}
-    with_realtime = settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_KEY="service-key-1", **extra)
+    with_realtime = Settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_KEY="service-key-1", **extra)
     assert with_realtime.active_sources == {SourceName.REALTIME, SourceName.WEBHOOK}
 
 
@@ -186,6 +193,7 @@ def test_supabase_key_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", DATABASE_URL)
     monkeypatch.setenv("VECTOR_SYNC_EMBEDDER", "hash")
     monkeypatch.setenv("SUPABASE_URL", "https://abc.supabase.co")
+    monkeypatch.setenv("VECTOR_SYNC_SOURCES", "listen")  # realtime is refused until it exists
     monkeypatch.setenv("SUPABASE_KEY", "alias-key-1")
     s = load_settings()
     assert s.supabase_key is not None and s.supabase_key.get_secret_value() == "alias-key-1"
@@ -208,6 +216,7 @@ def test_secrets_lists_every_secret() -> None:
         OPENAI_API_KEY="sk-abc-123",
         SUPABASE_URL="https://abc.supabase.co",
         SUPABASE_KEY="service-key-1",
+        VECTOR_SYNC_SOURCES="listen,webhook",
     )
     assert {GOOD_SECRET, "tok-123", "sk-abc-123", "service-key-1", "db-password-42"} <= set(s.secrets())
 

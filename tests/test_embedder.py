@@ -17,9 +17,9 @@ from vector_sync.config import Settings, load_settings
 from vector_sync.embedder import (
     TOKEN_BUDGET_BYTES,
     BadInput,
+    EmbeddingUnavailable,
     HashEmbedder,
     OpenAIEmbedder,
-    QuotaExceeded,
     Refused,
     TransientEmbeddingError,
     chunk_for_requests,
@@ -109,7 +109,7 @@ async def test_retries_are_bounded(api: EmbeddingAPI) -> None:
 @pytest.mark.parametrize("fault", [Fault.quota(), Fault.unauthorized()], ids=["insufficient_quota", "401"])
 async def test_quota_and_credentials_are_not_retried(embedder: OpenAIEmbedder, api: EmbeddingAPI, fault: Fault) -> None:
     api.script(fault)
-    with pytest.raises(QuotaExceeded):
+    with pytest.raises(EmbeddingUnavailable):
         await embedder.embed(["paid"])
     assert api.request_count == 1
 

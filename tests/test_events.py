@@ -513,3 +513,9 @@ def test_notify_any_text_gives_an_event_or_malformed(payload: str) -> None:
     except MalformedEvent:
         return
     assert result.source is Source.LISTEN
+
+
+@pytest.mark.parametrize("raw", ["\ud800", "a\x00b", "ok\udfff"])
+def test_text_ids_postgres_cannot_hold_are_malformed(raw: str) -> None:
+    with pytest.raises(MalformedEvent):
+        normalize_id(raw, IdKind.TEXT)

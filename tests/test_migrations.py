@@ -769,8 +769,25 @@ async def test_match_projects_honours_row_level_security(db: asyncpg.Connection)
         await db.execute(f"set role {role}")
         assert {row["id"] for row in await db.fetch("select id from public.projects")} == set(visible)
         assert {row["id"] for row in await db.fetch(query)} == set(visible)
+        # Granted select on the vectors themselves, the role still sees only its rows' vectors.
+        direct = await db.fetch("select project_id from vector_sync.project_embeddings")
+        assert {row["project_id"] for row in direct} == set(visible)
     finally:
         await db.execute(f"reset role; drop owned by {role}; drop role {role}")
+
+
+async def test_match_projects_returns_more_than_the_index_candidate_list(db: asyncpg.Connection) -> None:
+    """hnsw.ef_search is 40; the iterative scan keeps going so match_count rows come back."""
+    await db.executemany("insert into projects (name) values ($1)", [(f"p{number}",) for number in range(120)])
+    await db.execute(
+        "insert into vector_sync.project_embeddings (project_id, version, content_sha256, model, embedding) "
+        "select id, 1, 'sha', 'model', "
+        "(select array_agg(random()::real) from generate_series(1, $1) where id is not null)::vector from projects",
+        DIMENSIONS,
+    )
+    query = f"select count(*) from public.match_projects('{vector_literal(0)}'::vector({DIMENSIONS}), 100, -1)"
+    await db.execute("set enable_seqscan = off")
+    assert await db.fetchval(query) == 100
 
 
 async def test_match_projects_is_not_executable_by_public(db: asyncpg.Connection) -> None:

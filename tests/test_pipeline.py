@@ -95,8 +95,9 @@ async def test_edit_of_a_column_that_is_not_embedded_costs_nothing(
 async def test_insert_waits_its_delay_update_does_not(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
     delay = 3.0
     settings = make_settings(dsn, api.url, VECTOR_SYNC_INSERT_DELAY=f"{delay}s", VECTOR_SYNC_UPDATE_DELAY="0s")
-    async with running(settings):
-        await wait_until(lambda: True)
+    async with running(settings) as handle:
+        # After the start-up drift pass: a row it finds counts as old and has no settle delay.
+        await wait_until(lambda: handle.daemon.drift is not None and handle.daemon.drift.passes >= 1)
         project = await insert(db, "Birdsong", "birds")
         await wait_until(lambda: all_current(db), what="the insert to be embedded")
         insert_wait = await db.fetchval(
@@ -231,7 +232,7 @@ async def test_quota_pauses_embedding_without_dead_letters(
 ) -> None:
     from vector_sync import pipeline
 
-    monkeypatch.setattr(pipeline, "QUOTA_PAUSE_FIRST", 1.0)
+    monkeypatch.setattr(pipeline, "PAUSE_FIRST", 1.0)
     api.script(Fault.quota())
     async with running(make_settings(dsn, api.url)) as handle:
         await insert(db, "Relay", "volunteer shifts")
@@ -370,3 +371,41 @@ async def test_other_id_types_and_the_supabase_extensions_schema(
         assert (await stored(db))[ids[0]][0] == 2
     finally:
         await db.close()
+
+
+async def test_a_row_whose_new_text_is_refused_loses_its_old_vector(
+    db: asyncpg.Connection, dsn: str, api: EmbeddingAPI
+) -> None:
+    project = await insert(db, "Moodboard", "palettes")
+    async with running(make_settings(dsn, api.url)):
+        await wait_until(lambda: all_current(db), what="the first embedding")
+        await db.execute("update projects set description = 'POISON palettes' where id = $1", project)
+        await wait_until(lambda: db.fetchval("select count(*) = 1 from vector_sync.dead_letters"), what="dead letter")
+    # Search must not find the row for words it no longer has.
+    assert await stored(db) == {}
+
+
+async def test_wrong_vector_size_pauses_instead_of_paying_again(
+    db: asyncpg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vector_sync import pipeline
+
+    monkeypatch.setattr(pipeline, "PAUSE_FIRST", 60.0)
+    async with EmbeddingAPI(dimensions=DIMENSIONS // 2) as small:
+        # A model without a `dimensions` parameter answers in its own size.
+        settings = make_settings(dsn, small.url, VECTOR_SYNC_EMBEDDING_MODEL="nomic-embed-text")
+        async with running(settings) as handle:
+            await insert(db, "Stargazer", "planets")
+            await wait_until(lambda: handle.daemon.pipeline is not None and handle.daemon.pipeline.paused)
+            ready = await handle.daemon.readiness()
+        assert small.request_count == 1
+    assert ready["embedding"] == "paused"
+    assert await db.fetchval("select count(*) from vector_sync.dead_letters") == 0
+
+
+async def test_a_new_row_starts_at_version_one(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
+    async with running(make_settings(dsn, api.url)):
+        await db.execute("insert into projects (id, name, description, version) values (40, 'x', 'y', 0)")
+        await db.execute("insert into projects (id, name, description, version) values (41, 'x', 'z', 99)")
+        await wait_until(lambda: all_current(db), what="both rows embedded")
+    assert {project: version for project, (version, _) in (await stored(db)).items()} == {40: 1, 41: 1}

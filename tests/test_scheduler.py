@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from vector_sync.events import ChangeEvent, Op, ProjectId, Source
-from vector_sync.scheduler import Offer, Scheduler
+from vector_sync.scheduler import Due, Offer, Scheduler
 
 
 class Clock:
@@ -31,8 +31,23 @@ def scheduler(clock: Clock) -> Scheduler:
     return Scheduler(insert_delay=20, update_delay=0, max_pending=5, clock=clock)
 
 
+# The last hand-off of each id, as the pipeline would hold it.
+in_hand: dict[str, Due] = {}
+
+
+@pytest.fixture(autouse=True)
+def _clear_hand() -> None:
+    in_hand.clear()
+
+
 def taken(scheduler: Scheduler, limit: int = 100) -> list[tuple[str, int]]:
-    return [(due.project_id, due.target) for due in scheduler.take_due(limit)]
+    dues = scheduler.take_due(limit)
+    in_hand.update((due.project_id, due) for due in dues)
+    return [(due.project_id, due.target) for due in dues]
+
+
+def finish(scheduler: Scheduler, key: str, stored: int | None) -> None:
+    scheduler.done(in_hand[key], stored)
 
 
 def test_update_is_due_at_once_insert_after_its_delay(scheduler: Scheduler, clock: Clock) -> None:
@@ -51,7 +66,7 @@ def test_events_at_or_below_the_known_version_are_duplicates(scheduler: Schedule
     assert scheduler.offer(event("a", 2)) is Offer.DUPLICATE
     assert taken(scheduler) == [("a", 3)]
     assert scheduler.offer(event("a", 3)) is Offer.DUPLICATE  # in flight
-    scheduler.done(ProjectId("a"), 3)
+    finish(scheduler, "a", 3)
     assert scheduler.offer(event("a", 3, source=Source.WEBHOOK)) is Offer.DUPLICATE  # done
     assert scheduler.offer(event("a", 4)) is Offer.ACCEPTED
     assert scheduler.counts["duplicate"] == 4
@@ -84,23 +99,23 @@ def test_a_newer_version_while_in_flight_runs_again_after(scheduler: Scheduler) 
     assert scheduler.offer(event("a", 3)) is Offer.ACCEPTED
     assert scheduler.offer(event("a", 3)) is Offer.DUPLICATE
     assert taken(scheduler) == []  # not twice at once
-    scheduler.done(ProjectId("a"), 1)
+    finish(scheduler, "a", 1)
     assert taken(scheduler) == [("a", 3)]
-    scheduler.done(ProjectId("a"), 3)
+    finish(scheduler, "a", 3)
     assert scheduler.is_idle()
 
 
 def test_drift_events_are_not_dropped_by_the_done_cache(scheduler: Scheduler) -> None:
     scheduler.offer(event("a", 4))
     taken(scheduler)
-    scheduler.done(ProjectId("a"), 4)
+    finish(scheduler, "a", 4)
     assert scheduler.offer(event("a", 4)) is Offer.DUPLICATE
     # The database says the vector is behind: the cache is wrong, look again.
     assert scheduler.offer(event("a", 4, source=Source.DRIFT)) is Offer.ACCEPTED
     assert taken(scheduler) == [("a", 4)]
     # In flight, the drift pass asks for another look after this one.
     assert scheduler.offer(event("a", 4, source=Source.DRIFT)) is Offer.ACCEPTED
-    scheduler.done(ProjectId("a"), 4)
+    finish(scheduler, "a", 4)
     assert taken(scheduler) == [("a", 4)]
 
 
@@ -118,7 +133,7 @@ def test_a_full_scheduler_refuses_new_ids_but_not_known_ones(scheduler: Schedule
     assert scheduler.offer(event("id0", 2)) is Offer.ACCEPTED  # already tracked: no new memory
     batch = taken(scheduler, 2)
     assert len(batch) == 2
-    scheduler.done(ProjectId(batch[0][0]), batch[0][1])
+    finish(scheduler, batch[0][0], batch[0][1])
     assert scheduler.has_room
 
 
@@ -126,10 +141,10 @@ async def test_wait_for_room_wakes_when_an_id_is_done(scheduler: Scheduler) -> N
     for index in range(5):
         scheduler.offer(event(f"id{index}", 1))
     taken(scheduler, 1)
-    waiter = asyncio.create_task(scheduler.wait_for_room())
+    waiter = asyncio.create_task(scheduler.room.wait())
     await asyncio.sleep(0)
     assert not waiter.done()
-    scheduler.done(ProjectId("id0"), 1)
+    finish(scheduler, "id0", 1)
     await asyncio.wait_for(waiter, timeout=5)
 
 
@@ -138,7 +153,7 @@ def test_retry_later_backs_off_and_counts_attempts(scheduler: Scheduler, clock: 
     (due,) = scheduler.take_due(10)
     assert due.attempt == 0
     scheduler.offer(event("a", 2))
-    scheduler.retry_later(ProjectId("a"), 30)
+    scheduler.retry_later(due, 30)
     clock.now += 29
     assert taken(scheduler) == []
     clock.now += 1
@@ -162,7 +177,7 @@ def test_the_done_cache_is_bounded(clock: Clock) -> None:
     for index in range(6):
         scheduler.offer(event(f"id{index}", 1))
         taken(scheduler)
-        scheduler.done(ProjectId(f"id{index}"), 1)
+        finish(scheduler, f"id{index}", 1)
     assert scheduler.offer(event("id5", 1)) is Offer.DUPLICATE
     # Evicted from the cache: accepted again; the pipeline's hash check keeps that free.
     assert scheduler.offer(event("id0", 1)) is Offer.ACCEPTED
@@ -188,3 +203,43 @@ def test_next_due_in_reports_the_wait(scheduler: Scheduler, clock: Clock) -> Non
     assert scheduler.next_due_in() == 20
     clock.now += 25
     assert scheduler.next_due_in() == 0
+
+
+def test_a_late_batch_cannot_settle_an_id_taken_again(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 1))
+    (first,) = scheduler.take_due(10)
+    scheduler.retry_later(first, 0)
+    (second,) = scheduler.take_due(10)
+    # The first batch's late outcome is ignored: the id stays with the second batch.
+    scheduler.done(first, 1)
+    scheduler.retry_later(first, 0)
+    assert scheduler.in_flight_count == 1 and scheduler.take_due(10) == []
+    scheduler.done(second, 1)
+    assert scheduler.is_idle()
+
+
+def test_delete_and_insert_again_while_in_flight_is_a_new_life(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 5))
+    assert taken(scheduler) == [("a", 5)]
+    assert scheduler.offer(event("a", None, Op.DELETE)) is Offer.CANCELLED
+    # Versions start again at 1 after a re-insert: they are not duplicates of the old life's 5.
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+    assert scheduler.offer(event("a", 2)) is Offer.ACCEPTED
+    finish(scheduler, "a", None)  # the store refused the old life's write
+    assert taken(scheduler) == [("a", 2)]
+
+
+def test_delete_while_in_flight_forgets_the_id(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 3))
+    taken(scheduler)
+    scheduler.offer(event("a", None, Op.DELETE))
+    finish(scheduler, "a", 3)
+    assert scheduler.is_idle()
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+
+
+def test_a_refused_write_records_nothing(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 3))
+    taken(scheduler)
+    finish(scheduler, "a", None)
+    assert scheduler.offer(event("a", 3, source=Source.WEBHOOK)) is Offer.ACCEPTED

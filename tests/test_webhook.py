@@ -552,6 +552,18 @@ async def test_401_for_header_bytes_that_are_not_utf8(dsn: str) -> None:
             assert json.loads(payload).keys() == {"error"}
 
 
+async def test_400_for_a_body_whose_content_encoding_is_broken(live: RunningDaemon) -> None:
+    """A gzip body that does not decompress is refused before anything else reads it, signed or not."""
+    garbage = b"\x1f\x8b\x08\x00 not really gzip at all"
+    for headers in (
+        [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")],
+        [*((k.encode(), v.encode()) for k, v in signed_headers(garbage).items()), (b"content-encoding", b"gzip")],
+    ):
+        status, payload = await raw_post(live.url, headers, garbage)
+        assert status == 400
+        assert json.loads(payload).keys() == {"error"}
+
+
 async def test_several_signatures_one_valid_is_accepted(live: RunningDaemon) -> None:
     body = webhook_body("UPDATE", 5, 2)
     reference = reference_headers(body, msg_id="msg_multi")

@@ -63,6 +63,7 @@ class Intake:
     metrics: Metrics
     drift: DriftPass | None = None
     live: dict[Source, bool] = field(default_factory=dict)
+    _overflow_reported: bool = False
     _malformed_seen: set[tuple[Source, str]] = field(default_factory=set)
 
     def offer(self, event: ChangeEvent) -> None:
@@ -77,8 +78,12 @@ class Intake:
             source=event.source.value,
             result=result.value,
         )
-        if result is Offer.FULL and self.drift is not None:
+        if result is Offer.FULL and not self._overflow_reported and self.drift is not None:
+            # Once per overflow: the pass clears the scheduler's flag when it starts.
+            self._overflow_reported = True
             self.drift.request("scheduler was full")
+        elif not self.scheduler.overflowed:
+            self._overflow_reported = False
 
     def malformed(self, source: Source, reason: str) -> None:
         self.metrics.malformed.labels(source.value).inc()
@@ -135,10 +140,6 @@ class Daemon:
 
     async def _start(self) -> None:
         settings = self.settings
-        if SourceName.REALTIME in settings.active_sources:
-            raise FatalError(
-                "the realtime source is not available in this version; set VECTOR_SYNC_SOURCES to listen and/or webhook"
-            )
         catalog = self._catalog or await load_catalog(settings)
         try:
             self.store = await Store.connect(settings, catalog)
@@ -153,6 +154,7 @@ class Daemon:
         self.metrics.pending.set_function(lambda: self.scheduler.pending_count if self.scheduler else 0)
         self.metrics.in_flight.set_function(lambda: self.scheduler.in_flight_count if self.scheduler else 0)
         self.metrics.oldest_pending.set_function(self._oldest_pending_age)
+        self.metrics.pending_limit.set(settings.max_pending)
         self.intake = Intake(self.scheduler, self.metrics)
         self.drift = DriftPass(self.store, self.scheduler, self.intake.offer, on_found=self._count_drift)
         self.intake.drift = self.drift
@@ -284,8 +286,8 @@ class Daemon:
     def _oldest_pending_age(self) -> float:
         if self.scheduler is None:
             return 0.0
-        due = self.scheduler.oldest_pending_due()
-        return 0.0 if due is None else max(0.0, time.monotonic() - due)
+        since = self.scheduler.oldest_pending_since()
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def _count_drift(self, found: int) -> None:
         self.metrics.drift_passes.inc()

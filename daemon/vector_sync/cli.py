@@ -35,6 +35,8 @@ from vector_sync.scheduler import Scheduler
 from vector_sync.store import DATABASE_UNAVAILABLE, Store
 
 CONNECTION_VARS = ["DATABASE_URL"]
+# `reconcile` stops waiting for rows that failed this many times (a stuck database or API).
+RECONCILE_ATTEMPTS = 3
 EMBEDDING_VARS = [
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
@@ -184,6 +186,7 @@ async def _read_catalog_for_sql(settings: Settings, vector_schema: str) -> Catal
         try:
             return await read_catalog(conn, settings)
         except SchemaError:
+            # No pgvector yet: render for the schema given, as the migration will create it.
             return Catalog(await read_id_kind(conn, settings.table, settings.id_column), vector_schema)
     finally:
         await conn.close()
@@ -221,10 +224,7 @@ async def _check(settings: Settings) -> int:
         line(False, "embedding", f"{type(exc).__name__}: {exc}")
     finally:
         await embedder.close()
-    if settings.supabase_url:
-        line(False, "realtime", "the realtime source is not available in this version")
-    else:
-        print("skip  realtime     SUPABASE_URL not set")
+    print("skip  realtime     not a configured source")
     return 1 if failures else 0
 
 
@@ -263,28 +263,32 @@ async def _reconcile(settings: Settings, store: Store, _catalog: Catalog) -> int
     runner = asyncio.create_task(pipeline.run(stop))
     found = 0
 
-    def offer(event: Any) -> None:
-        scheduler.offer(event)
-
     def progress(count: int) -> None:
         nonlocal found
         found = count
 
-    drift = DriftPass(store, scheduler, offer)
+    drift = asyncio.create_task(DriftPass(store, scheduler, scheduler.offer).run_once("reconcile", progress, stop))
+    gave_up = ""
     try:
-        total = await drift.run_once("vector-sync reconcile", progress=progress)
-        while not scheduler.is_idle() or pipeline.busy:
-            left = scheduler.pending_count + scheduler.in_flight_count
-            _progress_bar(total - left, total)
+        while not drift.done() or not scheduler.is_idle() or pipeline.busy:
+            _progress_bar(found - scheduler.pending_count - scheduler.in_flight_count, found)
+            if pipeline.paused:
+                gave_up = "embedding is paused (see the log)"
+            elif scheduler.stalled(RECONCILE_ATTEMPTS):
+                gave_up = f"rows still failing after {RECONCILE_ATTEMPTS} attempts (see the log)"
+            if gave_up:
+                break
             await asyncio.sleep(0.2)
-        _progress_bar(total, total)
+        else:
+            _progress_bar(found, found)
         print(file=sys.stderr)
     finally:
         stop.set()
-        await runner
+        await asyncio.gather(runner, drift, return_exceptions=True)
         await embedder.close()
     still = await store.drift_page(None, 1)
-    print(f"reconcile: {total} rows were missing or behind; {'some remain (see the log)' if still else 'all current'}")
+    outcome = "all current" if not still else f"some remain: {gave_up or 'see the log'}"
+    print(f"reconcile: {found} rows were missing or behind; {outcome}")
     return 1 if still else 0
 
 

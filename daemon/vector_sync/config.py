@@ -349,6 +349,10 @@ def requirement_problems(settings: Settings, *, require_database: bool, require_
             "VECTOR_SYNC_WEBHOOK_TOKEN: expected one of them to be set"
         )
     if SourceName.REALTIME in sources:
+        problems.append(
+            "VECTOR_SYNC_SOURCES: got 'realtime' (the default when SUPABASE_URL is set): the realtime source is "
+            "not available in this version; expected listen and/or webhook"
+        )
         if settings.supabase_url is None:
             problems.append("SUPABASE_URL: missing: the realtime source needs the project URL")
         if settings.supabase_key is None:

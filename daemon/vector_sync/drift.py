@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import asyncpg
 from loguru import logger
 
 from vector_sync.aio import backoff, wait_first, wait_or_stop
@@ -26,7 +27,7 @@ class DriftPass:
         self,
         store: Store,
         scheduler: Scheduler,
-        offer: Callable[[ChangeEvent], None],
+        offer: Callable[[ChangeEvent], object],
         *,
         on_found: Callable[[int], None] | None = None,
         page_size: int = PAGE_SIZE,
@@ -55,9 +56,10 @@ class DriftPass:
             self._requested.clear()
             reasons, self._reasons = self._reasons, []
             try:
-                await self.run_once(", ".join(reasons) or "requested")
+                await self.run_once(", ".join(reasons) or "requested", stop=stop)
                 failures = 0
-            except DATABASE_UNAVAILABLE as exc:
+            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                # Unreachable, or e.g. a statement timeout on a large table: back off and try again.
                 failures += 1
                 delay = backoff(failures, first=1.0, cap=60.0)
                 logger.warning(
@@ -69,16 +71,26 @@ class DriftPass:
                 if await wait_or_stop(stop, delay):
                     return
 
-    async def run_once(self, reason: str = "requested", progress: Callable[[int], None] | None = None) -> int:
-        """One full pass; returns how many rows it found missing or behind."""
+    async def run_once(
+        self,
+        reason: str = "requested",
+        progress: Callable[[int], None] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> int:
+        """One full pass; returns how many rows it found missing or behind (so far, if stopped)."""
         started = time.monotonic()
+        stop = stop or asyncio.Event()
+        # Ids refused for lack of room before now are covered by this pass.
+        self._scheduler.overflowed = False
         found = 0
         after: str | None = None
-        while True:
+        while not stop.is_set():
             page = await self._store.drift_page(after, self._page_size)
             for project_id, version in page:
-                if not self._scheduler.has_room:
-                    await self._scheduler.wait_for_room()
+                while not self._scheduler.has_room and not stop.is_set():
+                    await wait_first(self._scheduler.room, stop)
+                if stop.is_set():
+                    break
                 self._offer(ChangeEvent(project_id, version, Op.UPDATE, Source.DRIFT))
             found += len(page)
             if progress is not None:

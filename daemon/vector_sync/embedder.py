@@ -28,11 +28,9 @@ from loguru import logger
 
 from vector_sync.config import EmbedderName, Settings
 
-# The API's own limits (OpenAI embeddings docstring): inputs per request and tokens per request.
-MAX_INPUTS_PER_REQUEST = 2048
-MAX_TOKENS_PER_REQUEST = 300_000
-# No tokenizer (tiktoken downloads its tables at first use, which fails offline): a UTF-8 byte count
-# over-estimates tokens for every model that uses a byte-level BPE, so a budget in bytes is safe.
+# The API allows 2048 inputs and 300,000 tokens per request (OpenAI embeddings docstring); the batch
+# size setting caps the inputs. No tokenizer (tiktoken downloads its tables at first use, which fails
+# offline): a UTF-8 byte count over-estimates tokens for every byte-level BPE, so a byte budget is safe.
 TOKEN_BUDGET_BYTES = 250_000
 
 
@@ -44,9 +42,13 @@ class TransientEmbeddingError(EmbeddingError):
     """The API failed in a way that may pass (5xx, 429, timeout); retries are used up."""
 
 
-class QuotaExceeded(EmbeddingError):
-    """Billing, credentials or an unknown model: no input is at fault, so nothing is dead-lettered;
-    embedding pauses until a probe succeeds."""
+class EmbeddingUnavailable(EmbeddingError):
+    """Quota, credentials, an unknown model or vectors of the wrong size: no input is at fault, so
+    nothing is dead-lettered; embedding pauses until a probe succeeds."""
+
+
+class WrongDimensions(ValueError):
+    """The model answers with another vector size than configured: retrying only pays again."""
 
 
 class BadInput(EmbeddingError):
@@ -68,7 +70,6 @@ class EmbedStats:
     inputs: int = 0
     tokens: int = 0
     retries: int = 0
-    errors: int = 0
 
 
 def estimated_tokens(text: str) -> int:
@@ -125,11 +126,13 @@ class RetryPolicy:
 
 
 def classify(exc: BaseException) -> type[EmbeddingError]:
+    if isinstance(exc, WrongDimensions):
+        return EmbeddingUnavailable
     if isinstance(exc, openai.RateLimitError):
         code = getattr(exc, "code", None)
-        return QuotaExceeded if code == "insufficient_quota" else TransientEmbeddingError
+        return EmbeddingUnavailable if code == "insufficient_quota" else TransientEmbeddingError
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError | openai.NotFoundError):
-        return QuotaExceeded
+        return EmbeddingUnavailable
     if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
         return BadInput
     if isinstance(exc, openai.APIStatusError):
@@ -172,7 +175,6 @@ class OpenAIEmbedder:
                 return await self._request(texts)
             except (openai.OpenAIError, ValueError) as exc:
                 kind = classify(exc)
-                self.stats.errors += 1
                 if kind is not TransientEmbeddingError:
                     raise kind(_describe(exc)) from exc
                 last = exc
@@ -226,8 +228,13 @@ def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[lis
         embedding = item.get("embedding")
         if isinstance(embedding, str):
             embedding = array.array("f", base64.b64decode(embedding)).tolist()
-        if not isinstance(embedding, list) or len(embedding) != dimensions:
-            raise ValueError(f"the API answered with a vector that is not {dimensions}-dimensional")
+        if not isinstance(embedding, list):
+            raise ValueError("the API answered without a vector")
+        if len(embedding) != dimensions:
+            raise WrongDimensions(
+                f"the API returns {len(embedding)}-dimensional vectors; "
+                f"VECTOR_SYNC_EMBEDDING_DIMENSIONS is {dimensions}"
+            )
         try:
             # One C-level pass: a NaN, an infinity or a non-number anywhere spoils the sum.
             finite = math.isfinite(sum(embedding))

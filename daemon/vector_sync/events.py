@@ -31,7 +31,6 @@ class Source(StrEnum):
     WEBHOOK = "webhook"
     LISTEN = "listen"
     DRIFT = "drift"
-    PENDING = "pending"
 
 
 class IdKind(StrEnum):
@@ -80,8 +79,14 @@ def normalize_id(raw: object, kind: IdKind) -> ProjectId:
         except ValueError:
             raise MalformedEvent("id is not a uuid") from None
     if kind is IdKind.TEXT:
-        if isinstance(raw, int | str) and str(raw) and len(str(raw).encode()) <= MAX_TEXT_ID_BYTES:
-            return ProjectId(str(raw))
+        text = str(raw) if isinstance(raw, int | str) else ""
+        # Postgres text holds neither NUL nor lone surrogates; such an id cannot name a row.
+        if text and "\x00" not in text and len(text.encode("utf-8", "surrogatepass")) <= MAX_TEXT_ID_BYTES:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise MalformedEvent("id is not valid text") from None
+            return ProjectId(text)
         raise MalformedEvent("id is not a non-empty string")
     low, high = _INT_RANGES[kind]
     if isinstance(raw, str) and _INTEGER_TEXT.fullmatch(raw):

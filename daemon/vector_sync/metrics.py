@@ -29,8 +29,13 @@ class Metrics:
         )
         self.pending = Gauge("vector_sync_pending", "Ids waiting for their due time", registry=registry)
         self.in_flight = Gauge("vector_sync_in_flight", "Ids being embedded", registry=registry)
+        self.pending_limit = Gauge(
+            "vector_sync_pending_limit", "Ids the scheduler may hold (VECTOR_SYNC_MAX_PENDING)", registry=registry
+        )
         self.oldest_pending = Gauge(
-            "vector_sync_oldest_pending_seconds", "Age of the oldest pending id", registry=registry
+            "vector_sync_oldest_pending_seconds",
+            "How long the longest-waiting pending id has waited",
+            registry=registry,
         )
         self.errors = Counter(
             "vector_sync_embedding_errors_total", "Embedding failures by kind", ["kind"], registry=registry

@@ -44,6 +44,11 @@ class Catalog:
 
     id_kind: IdKind
     vector_schema: str
+    vector_version: tuple[int, ...] = (0, 8, 0)
+
+    @property
+    def has_iterative_scan(self) -> bool:
+        return self.vector_version >= (0, 8, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +111,17 @@ async def read_vector_schema(conn: asyncpg.Connection) -> str | None:
     return schema
 
 
+async def read_vector_version(conn: asyncpg.Connection) -> tuple[int, ...]:
+    text = await conn.fetchval("select extversion from pg_extension where extname = 'vector'") or "0"
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
 async def read_catalog(conn: asyncpg.Connection, settings: Settings) -> Catalog:
     id_kind = await read_id_kind(conn, settings.table, settings.id_column)
     vector_schema = await read_vector_schema(conn)
     if vector_schema is None:
         raise SchemaError("the pgvector extension is not installed; run `vector-sync migrate`")
-    return Catalog(id_kind=id_kind, vector_schema=vector_schema)
+    return Catalog(id_kind, vector_schema, await read_vector_version(conn))
 
 
 def uses_halfvec(dimensions: int) -> bool:
@@ -141,6 +151,7 @@ def render(template: str, settings: Settings, catalog: Catalog) -> str:
         "vector_type": column_type,
         "vector_opclass": opclass,
         "vector_schema": quote_ident(catalog.vector_schema),
+        "search_settings": "set hnsw.iterative_scan = strict_order" if catalog.has_iterative_scan else "",
     }
 
     def substitute(match: re.Match[str]) -> str:
@@ -183,7 +194,9 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[Migratio
     await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         vector_schema = await ensure_pgvector(conn)
-        catalog = Catalog(await read_id_kind(conn, settings.table, settings.id_column), vector_schema)
+        catalog = Catalog(
+            await read_id_kind(conn, settings.table, settings.id_column), vector_schema, await read_vector_version(conn)
+        )
         await conn.execute(
             """
             create schema if not exists vector_sync;

@@ -3,6 +3,8 @@
 The row is embedded as it is when read, with the version read (design.md): an event is only a reason
 to look. Ids whose text and model are unchanged cost no API call; identical texts within a batch are
 sent once; a vector already paid for survives a failed database write in a small cache.
+
+Every id a batch takes is settled exactly once, by `done` or `retry_later`, whatever fails.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -19,7 +21,7 @@ from loguru import logger
 from vector_sync.aio import wait_or_stop
 from vector_sync.embedder import (
     Embedder,
-    QuotaExceeded,
+    EmbeddingUnavailable,
     Refused,
     TransientEmbeddingError,
     chunk_for_requests,
@@ -30,8 +32,8 @@ from vector_sync.scheduler import Due, Scheduler
 from vector_sync.store import DATABASE_UNAVAILABLE, DeadLetter, RowState, Store, VectorWrite
 
 LINGER_SECONDS = 0.005
-QUOTA_PAUSE_FIRST = 30.0
-QUOTA_PAUSE_MAX = 600.0
+PAUSE_FIRST = 30.0
+PAUSE_MAX = 600.0
 VECTOR_CACHE_SIZE = 4096
 
 
@@ -54,6 +56,35 @@ class BatchReport:
     latencies: list[float] = field(default_factory=list)
 
 
+class _Batch:
+    """One batch's ids and what became of them; settles each id with the scheduler once."""
+
+    def __init__(self, scheduler: Scheduler, dues: list[Due]) -> None:
+        self._scheduler = scheduler
+        self.dues = dues
+        self.report = BatchReport(rows=len(dues))
+        self._settled: set[str] = set()
+
+    def done(self, due: Due, stored_version: int | None) -> None:
+        if due.project_id not in self._settled:
+            self._settled.add(due.project_id)
+            self._scheduler.done(due, stored_version)
+
+    def defer(self, dues: Iterable[Due], reason: str) -> None:
+        count = 0
+        for due in dues:
+            if due.project_id not in self._settled:
+                self._settled.add(due.project_id)
+                self._scheduler.retry_later(due, retry_delay(due.attempt))
+                count += 1
+        self.report.deferred += count
+        if count:
+            logger.warning("{rows} rows deferred: {reason}", rows=count, reason=reason)
+
+    def unsettled(self) -> list[Due]:
+        return [due for due in self.dues if due.project_id not in self._settled]
+
+
 class Pipeline:
     def __init__(
         self,
@@ -74,7 +105,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self._vectors: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._paused_until = 0.0
-        self._pause_length = QUOTA_PAUSE_FIRST
+        self._pause_length = PAUSE_FIRST
         self._last_pause_log = -1e9
 
     @property
@@ -93,16 +124,32 @@ class Pipeline:
                 continue
             if not await self._scheduler.wait_due(stop):
                 break
-            await self._slots.acquire()
+            if not await self._acquire_slot(stop):
+                break
             if self._scheduler.next_due_in() == 0.0 and self._scheduler.pending_count < self._batch_size:
                 await asyncio.sleep(LINGER_SECONDS)  # let a burst fill the batch
-            batch = self._scheduler.take_due(self._batch_size)
-            if not batch:
+            dues = self._scheduler.take_due(self._batch_size)
+            if not dues:
                 self._slots.release()
                 continue
-            task = asyncio.create_task(self._process_guarded(batch), name="vector-sync-batch")
+            task = asyncio.create_task(self._process_guarded(_Batch(self._scheduler, dues)), name="vector-sync-batch")
             self._tasks.add(task)
             task.add_done_callback(self._batch_finished)
+
+    async def _acquire_slot(self, stop: asyncio.Event) -> bool:
+        """A batch slot, or False when `stop` comes first (no batch may start after stop)."""
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            acquire.cancel()  # no-op when it already got the slot
+        got_slot = acquire.done() and not acquire.cancelled()
+        if got_slot and stop.is_set():
+            self._slots.release()
+            return False
+        return got_slot
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -119,125 +166,138 @@ class Pipeline:
             await asyncio.wait(unfinished, timeout=5)
         return len(unfinished)
 
-    async def _process_guarded(self, batch: list[Due]) -> None:
+    async def _process_guarded(self, batch: _Batch) -> None:
         try:
-            await self.process(batch)
+            await self._process(batch)
         except asyncio.CancelledError:
             raise
         except Exception:
-            # A bug must not strand ids in flight: they go back with a delay and the error is loud.
-            logger.exception("batch of {rows} rows failed unexpectedly; retrying later", rows=len(batch))
-            for due in batch:
-                self._scheduler.retry_later(due.project_id, retry_delay(due.attempt))
+            # A bug must not strand ids in flight: what is not settled yet goes back, loudly.
+            logger.exception("batch of {rows} rows failed unexpectedly; retrying later", rows=batch.report.rows)
+            batch.defer(batch.unsettled(), "unexpected error")
 
-    async def process(self, batch: Sequence[Due]) -> BatchReport:
+    async def process(self, dues: list[Due]) -> BatchReport:
+        """Process one batch of due ids (the dispatcher's unit of work; also used by tests)."""
+        batch = _Batch(self._scheduler, dues)
+        await self._process(batch)
+        return batch.report
+
+    async def _process(self, batch: _Batch) -> None:
         started = time.monotonic()
-        report = BatchReport(rows=len(batch))
-        keys = [due.project_id for due in batch]
+        report = batch.report
         try:
-            rows = await self._store.read_rows(keys)
+            rows = await self._store.read_rows([due.project_id for due in batch.dues])
         except DATABASE_UNAVAILABLE as exc:
-            self._defer(batch, report, f"database unavailable: {type(exc).__name__}")
-            return report
+            batch.defer(batch.dues, f"database unavailable: {type(exc).__name__}")
+            return
+        model = self._embedder.model
         to_embed: list[tuple[Due, RowState]] = []
         writes: list[tuple[Due, RowState, VectorWrite]] = []
-        for due in batch:
+        for due in batch.dues:
             row = rows.get(due.project_id)
             if row is None:
                 report.deleted += 1
-                self._scheduler.done(due.project_id, None)
-            elif (row.stored_version or 0) >= row.version and row.stored_model == self._embedder.model:
+                batch.done(due, None)
+            elif (row.stored_version or 0) >= row.version and row.stored_model == model:
                 report.current += 1
-                self._scheduler.done(due.project_id, row.stored_version)
-            elif row.stored_sha256 == row.sha256 and row.stored_model == self._embedder.model:
+                batch.done(due, row.stored_version)
+            elif row.stored_sha256 == row.sha256 and row.stored_model == model:
                 writes.append((due, row, VectorWrite(due.project_id, row.version, row.sha256, None, due.committed_at)))
-            elif row.dead_sha256 == row.sha256 and row.dead_model == self._embedder.model:
+            elif row.dead_sha256 == row.sha256 and row.dead_model == model:
                 await self._store.note_dead_letter_version(row.project_id, row.version)
                 report.dead += 1
-                self._scheduler.done(due.project_id, row.version)
+                batch.done(due, None)
             elif not row.text.strip():
-                await self._dead_letter(due, row, "no text to embed: every content column is empty", report)
+                await self._dead_letter(batch, due, row, "no text to embed: every content column is empty")
             else:
                 to_embed.append((due, row))
         try:
-            await self._embed(to_embed, writes, report)
-        except QuotaExceeded as exc:
+            vectors = await self._embed(batch, to_embed)
+        except EmbeddingUnavailable as exc:
             self._pause(str(exc))
-            self._defer([due for due, _ in to_embed], report, "embedding paused")
-        await self._write(writes, report)
-        self._log(report, started)
-        return report
-
-    async def _embed(
-        self,
-        to_embed: list[tuple[Due, RowState]],
-        writes: list[tuple[Due, RowState, VectorWrite]],
-        report: BatchReport,
-    ) -> None:
-        model = self._embedder.model
-        unique: dict[str, list[tuple[Due, RowState]]] = {}
+            batch.defer([due for due, _ in to_embed], "embedding paused")
+            vectors = {}
         for due, row in to_embed:
-            unique.setdefault(row.text, []).append((due, row))
-        texts = [text for text in unique if (model, sha_of(unique[text])) not in self._vectors]
-        for group in chunk_for_requests(texts, self._batch_size):
-            chunk = [texts[index] for index in group]
-            try:
-                isolated = await embed_isolating(self._embedder, chunk)
-            except TransientEmbeddingError as exc:
-                self._metrics.errors.labels("transient").inc()
-                self._defer([due for text in chunk for due, _ in unique.pop(text)], report, str(exc))
-                continue
-            except QuotaExceeded:
-                self._metrics.errors.labels("quota").inc()
-                raise
-            report.api_inputs += len(chunk)
-            report.api_requests += isolated.requests
-            self._pause_length = QUOTA_PAUSE_FIRST  # the API answered: the next pause starts short
-            for text, result in zip(chunk, isolated.results, strict=True):
-                if isinstance(result, Refused):
-                    self._metrics.errors.labels("bad_input").inc()
-                    for due, row in unique.pop(text):
-                        await self._dead_letter(due, row, result.error, report)
-                else:
-                    self._remember(model, sha_of(unique[text]), result)
-        for items in unique.values():
-            vector = self._vectors.get((model, sha_of(items)))
-            if vector is None:
-                continue
-            for due, row in items:
+            vector = vectors.get(row.sha256)
+            if vector is not None:
                 writes.append(
                     (due, row, VectorWrite(due.project_id, row.version, row.sha256, vector, due.committed_at))
                 )
+        await self._write(batch, writes)
+        self._log(report, started)
 
-    async def _write(self, writes: list[tuple[Due, RowState, VectorWrite]], report: BatchReport) -> None:
+    async def _embed(self, batch: _Batch, to_embed: list[tuple[Due, RowState]]) -> dict[str, list[float]]:
+        """Vectors by text hash for `to_embed`; refused rows are dead-lettered, failed ones deferred."""
+        model = self._embedder.model
+        by_sha: dict[str, list[tuple[Due, RowState]]] = {}
+        for due, row in to_embed:
+            by_sha.setdefault(row.sha256, []).append((due, row))
+        vectors: dict[str, list[float]] = {}
+        missing: list[str] = []
+        for sha in by_sha:
+            cached = self._vectors.get((model, sha))
+            if cached is not None:
+                vectors[sha] = cached
+            else:
+                missing.append(sha)
+        texts = [by_sha[sha][0][1].text for sha in missing]
+        for group in chunk_for_requests(texts, self._batch_size):
+            shas = [missing[index] for index in group]
+            try:
+                isolated = await embed_isolating(self._embedder, [texts[index] for index in group])
+            except TransientEmbeddingError as exc:
+                self._metrics.errors.labels("transient").inc()
+                batch.defer([due for sha in shas for due, _ in by_sha[sha]], str(exc))
+                continue
+            except EmbeddingUnavailable:
+                self._metrics.errors.labels("unavailable").inc()
+                raise
+            batch.report.api_inputs += len(shas)
+            batch.report.api_requests += isolated.requests
+            self._pause_length = PAUSE_FIRST  # the API answered: the next pause starts short
+            for sha, result in zip(shas, isolated.results, strict=True):
+                if isinstance(result, Refused):
+                    self._metrics.errors.labels("bad_input").inc()
+                    for due, row in by_sha[sha]:
+                        await self._dead_letter(batch, due, row, result.error)
+                else:
+                    vectors[sha] = result
+                    self._remember(model, sha, result)
+        return vectors
+
+    async def _write(self, batch: _Batch, writes: list[tuple[Due, RowState, VectorWrite]]) -> None:
         if not writes:
             return
+        report = batch.report
         try:
             applied = await self._store.write([write for _, _, write in writes])
         except DATABASE_UNAVAILABLE as exc:
-            self._defer([due for due, _, _ in writes], report, f"database unavailable: {type(exc).__name__}")
+            batch.defer([due for due, _, _ in writes], f"database unavailable: {type(exc).__name__}")
             return
         now = time.time()
-        for due, row, write in writes:
+        for due, _, write in writes:
             if write.embedding is None:
                 report.unchanged += 1
             else:
                 report.embedded += 1
-            if due.project_id in applied and due.committed_at is not None:
+            stored = applied.get(due.project_id)
+            if stored is not None and due.committed_at is not None:
                 report.latencies.append(max(0.0, now - due.committed_at))
-            self._scheduler.done(due.project_id, applied.get(due.project_id, row.version))
+            # Only what the guard let through counts as done; a refused write (a newer vector, or
+            # the row deleted meanwhile) records nothing, so later events are looked at afresh.
+            batch.done(due, stored)
         for latency in report.latencies:
             self._metrics.latency.observe(latency)
         self._metrics.stored.inc(report.embedded)
         self._metrics.unchanged.inc(report.unchanged)
 
-    async def _dead_letter(self, due: Due, row: RowState, error: str, report: BatchReport) -> None:
+    async def _dead_letter(self, batch: _Batch, due: Due, row: RowState, error: str) -> None:
         try:
             await self._store.dead_letter(DeadLetter(row.project_id, row.version, row.sha256, error))
         except DATABASE_UNAVAILABLE:
-            self._defer([due], report, "database unavailable while dead-lettering")
+            batch.defer([due], "database unavailable while dead-lettering")
             return
-        report.dead += 1
+        batch.report.dead += 1
         self._metrics.dead_letters.inc()
         logger.warning(
             "dead letter: project {project_id} version {version}: {error}",
@@ -245,27 +305,21 @@ class Pipeline:
             version=row.version,
             error=error,
         )
-        self._scheduler.done(due.project_id, row.version)
-
-    def _defer(self, batch: Sequence[Due], report: BatchReport, reason: str) -> None:
-        for due in batch:
-            self._scheduler.retry_later(due.project_id, retry_delay(due.attempt))
-        report.deferred += len(batch)
-        if batch:
-            logger.warning("{rows} rows deferred: {reason}", rows=len(batch), reason=reason)
+        batch.done(due, None)
 
     def _pause(self, reason: str) -> None:
-        self._paused_until = time.monotonic() + self._pause_length
         now = time.monotonic()
+        if now < self._paused_until:
+            return  # concurrent batches report the same outage: one pause, not a doubled one
+        self._paused_until = now + self._pause_length
         if now - self._last_pause_log >= 60:
             self._last_pause_log = now
             logger.error(
-                "EMBEDDING PAUSED for {seconds:.0f}s: the API refused our credentials or quota ({reason}); "
-                "nothing is dead-lettered, the next batch probes again",
+                "EMBEDDING PAUSED for {seconds:.0f}s: {reason}; nothing is dead-lettered, the next batch probes again",
                 seconds=self._pause_length,
                 reason=reason,
             )
-        self._pause_length = min(QUOTA_PAUSE_MAX, self._pause_length * 2)
+        self._pause_length = min(PAUSE_MAX, self._pause_length * 2)
 
     def _remember(self, model: str, sha: str, vector: list[float]) -> None:
         self._vectors[(model, sha)] = vector
@@ -279,7 +333,7 @@ class Pipeline:
         logger.info(
             "batch rows={rows} embedded={embedded} unchanged={unchanged} current={current} "
             "deleted={deleted} dead={dead} deferred={deferred} api_requests={api_requests} api_inputs={api_inputs} "
-            "took_ms={took:.0f} max_commit_latency_ms={latency}",
+            "took_ms={took_ms} max_commit_latency_ms={max_commit_latency_ms}",
             rows=report.rows,
             embedded=report.embedded,
             unchanged=report.unchanged,
@@ -289,10 +343,6 @@ class Pipeline:
             deferred=report.deferred,
             api_requests=report.api_requests,
             api_inputs=report.api_inputs,
-            took=(time.monotonic() - started) * 1000,
-            latency=None if latency is None else round(latency * 1000),
+            took_ms=round((time.monotonic() - started) * 1000),
+            max_commit_latency_ms=None if latency is None else round(latency * 1000),
         )
-
-
-def sha_of(items: list[tuple[Due, RowState]]) -> str:
-    return items[0][1].sha256

@@ -22,10 +22,9 @@ from vector_sync.events import ChangeEvent, Op, ProjectId, Source
 
 Clock = Callable[[], float]
 
-# Drift-pass and pending-queue events come from the database itself: they are the truth, so they
-# are never dropped as duplicates of a cached "done" version (which may be wrong after a delete and
-# re-insert, or a dead letter).
-AUTHORITATIVE_SOURCES = frozenset({Source.DRIFT, Source.PENDING})
+# Drift-pass events come from the database itself: they are the truth, so they are never dropped as
+# duplicates of a cached "done" version (which may be wrong after a delete and re-insert).
+AUTHORITATIVE_SOURCES = frozenset({Source.DRIFT})
 
 
 class Offer(StrEnum):
@@ -41,22 +40,29 @@ class _Pending:
     due: float
     committed_at: float | None
     attempt: int = 0
+    since: float = 0.0
 
 
 @dataclass(slots=True)
 class _InFlight:
     target: int
     committed_at: float | None
-    newer: int | None = None  # a newer version arrived while embedding: run again after
+    token: int
     attempt: int = 0
+    newer: int | None = None  # a newer version arrived while embedding: run again after
+    deleted: bool = False  # deleted while embedding: whatever this batch stores is already gone
 
 
 @dataclass(frozen=True, slots=True)
 class Due:
+    """An id handed to the pipeline. `token` ties `done`/`retry_later` to this hand-off only, so a
+    batch that finishes late cannot settle the same id taken again by another batch."""
+
     project_id: ProjectId
     target: int
     committed_at: float | None
     attempt: int
+    token: int
 
 
 class Scheduler:
@@ -80,14 +86,19 @@ class Scheduler:
         self._heap: list[tuple[float, int, ProjectId]] = []
         self._sequence = 0
         self._changed = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self.room = asyncio.Event()
+        """Set while there is room for new ids."""
+        self.room.set()
         self._last_full_log = -1e9
         self.overflowed = False
         """Set when an id was refused for lack of room; a drift pass must pick it up later."""
         self.counts: dict[str, int] = {offer.value: 0 for offer in Offer}
 
     # --- sizes, for metrics and tests -------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return self._max_pending
 
     @property
     def pending_count(self) -> int:
@@ -101,11 +112,20 @@ class Scheduler:
     def has_room(self) -> bool:
         return len(self._pending) + len(self._in_flight) < self._max_pending
 
-    def oldest_pending_due(self) -> float | None:
-        return min((pending.due for pending in self._pending.values()), default=None)
+    def oldest_pending_since(self) -> float | None:
+        """When the longest-waiting pending id was first offered (clock time), for the age metric."""
+        return min((pending.since for pending in self._pending.values()), default=None)
 
     def is_idle(self) -> bool:
         return not self._pending and not self._in_flight
+
+    def stalled(self, attempts: int) -> bool:
+        """Nothing in flight, and every pending id has already failed `attempts` times."""
+        return (
+            not self._in_flight
+            and bool(self._pending)
+            and all(pending.attempt >= attempts for pending in self._pending.values())
+        )
 
     # --- intake ------------------------------------------------------------------------------
 
@@ -118,21 +138,13 @@ class Scheduler:
     def _offer(self, event: ChangeEvent) -> Offer:
         key = event.project_id
         if event.op is Op.DELETE:
-            self._done.pop(key, None)
-            if self._pending.pop(key, None) is not None:
-                self._update_room()
-                return Offer.CANCELLED
-            # An id in flight finishes on its own: its read finds the row gone and stores nothing.
-            return Offer.CANCELLED
+            return self._offer_delete(key)
         version = event.version
         assert version is not None, "only DELETE events may lack a version"
         authoritative = event.source in AUTHORITATIVE_SOURCES
         flight = self._in_flight.get(key)
         if flight is not None:
-            if version > max(flight.target, flight.newer or 0) or (authoritative and flight.newer is None):
-                flight.newer = max(version, flight.target)
-                return Offer.ACCEPTED
-            return Offer.DUPLICATE
+            return self._offer_in_flight(flight, version, authoritative)
         pending = self._pending.get(key)
         if pending is not None:
             if version > pending.target:
@@ -144,22 +156,47 @@ class Scheduler:
             self._done.move_to_end(key)
             return Offer.DUPLICATE
         if not self.has_room:
-            self.overflowed = True
-            now = self._clock()
-            if now - self._last_full_log >= 60:
-                self._last_full_log = now
-                logger.warning(
-                    "scheduler full ({limit} ids pending or in flight): new ids wait for the next drift pass",
-                    limit=self._max_pending,
-                )
-            return Offer.FULL
+            return self._refuse_for_room()
         delay = self._insert_delay if event.op is Op.INSERT else self._update_delay
         if authoritative:
             delay = 0.0  # the change is already old
         self._add_pending(key, _Pending(version, self._clock() + delay, event.committed_at))
         return Offer.ACCEPTED
 
+    def _offer_delete(self, key: ProjectId) -> Offer:
+        self._done.pop(key, None)
+        flight = self._in_flight.get(key)
+        if flight is not None:
+            # The batch may have read the row before the delete; the store's guard refuses its
+            # write, and a re-insert (whose versions start again at 1) must count as new.
+            flight.deleted, flight.newer = True, None
+        elif self._pending.pop(key, None) is not None:
+            self._update_room()
+        return Offer.CANCELLED
+
+    @staticmethod
+    def _offer_in_flight(flight: _InFlight, version: int, authoritative: bool) -> Offer:
+        if flight.deleted:
+            flight.newer = max(version, flight.newer or 0)
+            return Offer.ACCEPTED
+        if version > max(flight.target, flight.newer or 0) or (authoritative and flight.newer is None):
+            flight.newer = max(version, flight.target)
+            return Offer.ACCEPTED
+        return Offer.DUPLICATE
+
+    def _refuse_for_room(self) -> Offer:
+        self.overflowed = True
+        now = self._clock()
+        if now - self._last_full_log >= 60:
+            self._last_full_log = now
+            logger.warning(
+                "scheduler full ({limit} ids pending or in flight): new ids wait for the next drift pass",
+                limit=self._max_pending,
+            )
+        return Offer.FULL
+
     def _add_pending(self, key: ProjectId, pending: _Pending) -> None:
+        pending.since = pending.since or self._clock()
         self._pending[key] = pending
         self._sequence += 1
         heapq.heappush(self._heap, (pending.due, self._sequence, key))
@@ -168,12 +205,9 @@ class Scheduler:
 
     def _update_room(self) -> None:
         if self.has_room:
-            self._room.set()
+            self.room.set()
         else:
-            self._room.clear()
-
-    async def wait_for_room(self) -> None:
-        await self._room.wait()
+            self.room.clear()
 
     # --- hand-off to the pipeline ------------------------------------------------------------
 
@@ -191,8 +225,9 @@ class Scheduler:
                 break
             heapq.heappop(self._heap)
             del self._pending[key]
-            self._in_flight[key] = _InFlight(pending.target, pending.committed_at, attempt=pending.attempt)
-            taken.append(Due(key, pending.target, pending.committed_at, pending.attempt))
+            self._sequence += 1
+            self._in_flight[key] = _InFlight(pending.target, pending.committed_at, self._sequence, pending.attempt)
+            taken.append(Due(key, pending.target, pending.committed_at, pending.attempt, self._sequence))
         return taken
 
     def next_due_in(self) -> float | None:
@@ -219,27 +254,44 @@ class Scheduler:
             await wait_first(self._changed, stop, timeout=delay)
         return False
 
-    def done(self, key: ProjectId, stored_version: int | None) -> None:
-        """The pipeline finished `key`: `stored_version` is what the database holds now (None: gone)."""
-        flight = self._in_flight.pop(key, None)
+    def _settle(self, due: Due) -> _InFlight | None:
+        flight = self._in_flight.get(due.project_id)
+        if flight is None or flight.token != due.token:
+            return None  # already settled, or taken again by another batch: not ours to touch
+        del self._in_flight[due.project_id]
+        return flight
+
+    def done(self, due: Due, stored_version: int | None) -> None:
+        """The pipeline finished `due`: `stored_version` is the version it knows is stored now, or
+        None when it stored nothing (row gone, or the store refused the write)."""
+        flight = self._settle(due)
         if flight is None:
             return
+        key = due.project_id
         if flight.newer is not None:
             self._add_pending(key, _Pending(flight.newer, self._clock(), flight.committed_at))
             return
-        if stored_version is None:
+        if stored_version is None or flight.deleted:
             self._done.pop(key, None)
         else:
             self._remember_done(key, stored_version)
         self._update_room()
 
-    def retry_later(self, key: ProjectId, delay: float) -> None:
+    def retry_later(self, due: Due, delay: float) -> None:
         """Put an in-flight id back to pending after a failure that may pass."""
-        flight = self._in_flight.pop(key, None)
+        flight = self._settle(due)
         if flight is None:
             return
-        target = max(flight.target, flight.newer or 0)
-        self._add_pending(key, _Pending(target, self._clock() + delay, flight.committed_at, flight.attempt + 1))
+        if flight.deleted:
+            if flight.newer is None:
+                self._update_room()
+                return
+            target = flight.newer  # a new life of the id: its own versions only
+        else:
+            target = max(flight.target, flight.newer or 0)
+        self._add_pending(
+            due.project_id, _Pending(target, self._clock() + delay, flight.committed_at, flight.attempt + 1)
+        )
 
     def _remember_done(self, key: ProjectId, version: int) -> None:
         previous = self._done.get(key, 0)

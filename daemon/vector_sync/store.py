@@ -154,7 +154,12 @@ class Store:
             delete from vector_sync.dead_letters d using unnest($1::text[]) as k(key)
              where d.project_id = k.key::{id_type}
         """
+        # The vector of the row's previous text goes too: search must not find the row for words
+        # it no longer has.
         self._dead_letter = f"""
+            with stale as (
+              delete from vector_sync.project_embeddings where project_id = $1::text::{id_type}
+            )
             insert into vector_sync.dead_letters as d
                    (project_id, version, content_sha256, model, error)
             select t.{ident}, $2, $3, $4, $5 from {table} t where t.{ident} = $1::text::{id_type}
@@ -247,6 +252,14 @@ class Store:
         A write the guard refuses (an older version than the stored one, or a deleted row) is left
         out of the result.
         """
+        try:
+            return await self._write_once(writes)
+        except asyncpg.ForeignKeyViolationError:
+            # A row deleted between the statement's snapshot and its foreign key check: once more,
+            # and the join with the source table leaves it out.
+            return await self._write_once(writes)
+
+    async def _write_once(self, writes: Sequence[VectorWrite]) -> dict[ProjectId, int]:
         vectors = [write for write in writes if write.embedding is not None]
         moves = [write for write in writes if write.embedding is None]
         applied: dict[ProjectId, int] = {}

@@ -48,6 +48,12 @@ class HttpServer:
             except web.HTTPException as exc:
                 # Routing errors (404, 405) keep the JSON error shape of every other answer.
                 response = web.json_response({"error": exc.reason}, status=exc.status)
+            except Exception:
+                # A bug, not the input's fault: log it, and let a webhook sender retry later.
+                logger.exception("unexpected error answering {method} {path}", method=request.method, path=request.path)
+                response = web.json_response(
+                    {"error": "temporarily unavailable"}, status=503, headers={"Retry-After": "5"}
+                )
             if request.path == "/webhook":
                 self._metrics.webhook_responses.labels(str(response.status)).inc()
             return response

@@ -8,12 +8,14 @@ revoke all on schema vector_sync from public;
 -- Every row carries a version; the daemon records which version each vector came from.
 alter table {{table}} add column if not exists version bigint not null default 1;
 
--- A real change (any column but version) bumps the version; a no-op update, or an attempt to set the
--- version by hand, leaves it where it was, so versions only ever grow.
+-- Every row starts at version 1. A real change (any column but version) bumps the version; a no-op
+-- update, or an attempt to set the version by hand, leaves it where it was: versions only ever grow.
 create or replace function vector_sync.bump_version() returns trigger
 language plpgsql set search_path = '' as $$
 begin
-  if (to_jsonb(new) - 'version') is distinct from (to_jsonb(old) - 'version') then
+  if tg_op = 'INSERT' then
+    new.version := 1;
+  elsif (to_jsonb(new) - 'version') is distinct from (to_jsonb(old) - 'version') then
     new.version := old.version + 1;
   else
     new.version := old.version;
@@ -25,7 +27,7 @@ $$;
 -- BEFORE triggers fire in name order: "zz_" runs after any of the user's own BEFORE UPDATE triggers,
 -- so their edits are part of the change it sees.
 create or replace trigger zz_vector_sync_bump_version
-  before update on {{table}}
+  before insert or update on {{table}}
   for each row execute function vector_sync.bump_version();
 
 create table if not exists vector_sync.project_embeddings (
@@ -39,6 +41,14 @@ create table if not exists vector_sync.project_embeddings (
 );
 create index if not exists project_embeddings_embedding_idx
   on vector_sync.project_embeddings using hnsw (embedding {{vector_opclass}});
+
+-- A vector tells about its row's text, so it is visible exactly where its source row is: a role
+-- granted select here still sees only the vectors of rows that row level security lets it read.
+-- (The daemon, as the table's owner, is not subject to this.)
+alter table vector_sync.project_embeddings enable row level security;
+drop policy if exists follows_source_row on vector_sync.project_embeddings;
+create policy follows_source_row on vector_sync.project_embeddings
+  using (exists (select 1 from {{table}} t where t.{{id_column}} = project_id));
 
 create table if not exists vector_sync.dead_letters (
   project_id     {{id_type}} primary key references {{table}} ({{id_column}}) on delete cascade,
@@ -86,13 +96,15 @@ create or replace trigger projects_change_trigger
   for each row execute function vector_sync.notify_project_change_direct();
 
 -- Similarity search for applications. SECURITY INVOKER and joined with the source table, so the
--- caller's row level security on the source table decides which rows come back.
+-- caller's row level security on the source table decides which rows come back. An iterative index
+-- scan (pgvector 0.8) keeps reading past rows the caller may not see, so match_count rows come back
+-- when they exist.
 create or replace function public.match_projects(
   query_embedding {{vector_type}},
   match_count integer default 10,
   min_similarity double precision default 0
 ) returns table (id {{id_type}}, similarity double precision)
-language sql stable security invoker set search_path = '' as $$
+language sql stable security invoker set search_path = '' {{search_settings}} as $$
   select t.{{id_column}}, 1 - (e.embedding operator({{vector_schema}}.<=>) query_embedding)
     from vector_sync.project_embeddings e
     join {{table}} t on t.{{id_column}} = e.project_id

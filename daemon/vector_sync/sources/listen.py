@@ -7,6 +7,8 @@ drift pass. The connection runs no queries of its own while idle.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import asyncpg
 from loguru import logger
@@ -16,6 +18,29 @@ from vector_sync.events import IdKind, MalformedEvent, Source, parse_notify
 from vector_sync.ports import EventSink
 
 CHANNEL = "vector_sync"
+# A connection that stays up this long resets the reconnect back-off; one that drops sooner (a
+# pooler or idle timeout closing it at once) keeps backing off instead of reconnecting in a loop.
+STABLE_SECONDS = 30.0
+# TCP keepalive on the LISTEN socket: a half-open link (a NAT or proxy that forgot the connection)
+# is noticed in about a minute, without a single query.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+
+
+def enable_keepalive(conn: asyncpg.Connection) -> bool:
+    """Turn on TCP keepalive for the connection's socket; False where there is none (Unix socket)."""
+    transport = getattr(conn, "_transport", None)  # asyncpg exposes no public handle to the socket
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    return True
 
 
 class ListenSource:
@@ -43,12 +68,20 @@ class ListenSource:
                 if await wait_or_stop(stop, delay):
                     return
                 continue
-            attempt = 0
+            connected = time.monotonic()
             await self._listen(conn, stop)
+            if time.monotonic() - connected >= STABLE_SECONDS:
+                attempt = 0
+            elif not stop.is_set():
+                delay = backoff(attempt)
+                attempt += 1
+                if await wait_or_stop(stop, delay):
+                    return
 
     async def _listen(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
+        enable_keepalive(conn)
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
             self._sink.source_state(Source.LISTEN, True)

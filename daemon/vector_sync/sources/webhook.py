@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from loguru import logger
 
 from vector_sync.config import TableName
@@ -23,6 +25,8 @@ from vector_sync.events import IdKind, MalformedEvent, Source, parse_webhook
 from vector_sync.ports import EventSink
 
 MAX_BODY_BYTES = 1024 * 1024
+# Bodies being read at once: with the 1 MiB cap this bounds the listener's buffers to 64 MiB.
+MAX_CONCURRENT_BODIES = 64
 TIMESTAMP_TOLERANCE_SECONDS = 300
 MAX_TRACKED_ADDRESSES = 10_000
 MAX_WEBHOOK_ID_LENGTH = 256
@@ -121,6 +125,7 @@ class WebhookReceiver:
         self._key = key
         self._token = token
         self._limiter = RateLimiter(rate_limit)
+        self._reading = 0
         self.stopping = False
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -144,7 +149,15 @@ class WebhookReceiver:
             return _error(415, "content type must be application/json")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return _error(413, "body larger than 1 MiB")
-        body = await _read_limited(request, MAX_BODY_BYTES)
+        if self._reading >= MAX_CONCURRENT_BODIES:
+            return _error(429, "too many requests in progress", {"Retry-After": "1"})
+        self._reading += 1
+        try:
+            body = await _read_limited(request, MAX_BODY_BYTES)
+        except (RequestPayloadError, HttpProcessingError, ValueError):
+            return _error(400, "body could not be read (bad transfer or content encoding)")
+        finally:
+            self._reading -= 1
         if body is None:
             return _error(413, "body larger than 1 MiB")
         if not self._authenticated(request, body):
