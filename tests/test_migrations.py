@@ -916,3 +916,11 @@ async def test_sql_command_reads_the_table_settings(tmp_path: Path) -> None:
     assert "halfvec(3072)" in sql
     assert "halfvec_cosine_ops" in sql
     assert re.search(r"project_id\s+text primary key", sql)
+
+
+async def test_a_version_column_of_another_type_is_refused(fresh: FreshDatabase) -> None:
+    dsn = await fresh("create table public.projects (id bigint primary key, name text, description text, version text)")
+    async with connect(dsn) as conn:
+        with pytest.raises(SchemaError, match="already has a column named version"):
+            await migrate(conn, make_settings(dsn))
+        assert await conn.fetchval("select to_regclass('vector_sync.project_embeddings')") is None

@@ -212,6 +212,8 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[Migratio
             row["number"]: row["checksum"]
             for row in await conn.fetch("select number, checksum from vector_sync.schema_migrations")
         }
+        if 1 not in applied:
+            await _check_version_column(conn, settings)
         done = []
         for migration in load_migrations(settings, catalog):
             if migration.number in applied:
@@ -234,6 +236,28 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[Migratio
         return done
     finally:
         await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+
+async def _check_version_column(conn: asyncpg.Connection, settings: Settings) -> None:
+    """A `version` column the table already has is adopted only if it can be ours: bigint."""
+    existing = await conn.fetchval(
+        """
+        select format_type(a.atttypid, null) from pg_attribute a
+          join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = $1 and c.relname = $2 and a.attname = 'version' and a.attnum > 0 and not a.attisdropped
+        """,
+        settings.table.schema,
+        settings.table.name,
+    )
+    if existing is not None and existing != "bigint":
+        raise SchemaError(
+            f"table {settings.table} already has a column named version ({existing}); vector-sync needs a bigint "
+            "version column of its own"
+        )
+    if existing is not None:
+        logger.warning(
+            "table {table} already has a bigint version column; vector-sync adopts it", table=str(settings.table)
+        )
 
 
 async def pending_migrations(conn: asyncpg.Connection, settings: Settings, catalog: Catalog) -> list[int]:
