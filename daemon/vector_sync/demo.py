@@ -177,7 +177,7 @@ async def _demo(dsn: str) -> int:
         query = "bird recordings"
         vector = (await daemon_embed(daemon, query))[0]
         assert daemon.store is not None
-        hits = await daemon.store.search(vector, 3)
+        hits = await daemon.store.search(vector, 3, min_similarity=0.05)
         _say(f'\nsearch "{query}":')
         for hit in hits:
             _say(f"  {hit.similarity:.3f}  {hit.text.splitlines()[0]}")
