@@ -223,3 +223,33 @@ async def test_the_hash_embedder_is_deterministic_unit_and_lexical() -> None:
     far = sum(a * b for a, b in zip(birds, boats, strict=True))
     assert near > 0.3 > far
     assert embedder.model == "hash-1536"
+
+
+class _HalfFailing:
+    """Refuses any request holding "bad"; fails transiently on any holding "later"."""
+
+    model = "fake"
+    dimensions = 2
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        self.requests += 1
+        if "bad" in texts:
+            raise BadInput("HTTP 400: bad input")
+        if "later" in texts:
+            raise TransientEmbeddingError("HTTP 503")
+        return [[float(len(text)), 1.0] for text in texts]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_bisection_keeps_the_vectors_it_paid_for_when_a_later_part_fails() -> None:
+    heard: dict[int, list[float]] = {}
+    with pytest.raises(TransientEmbeddingError):
+        await embed_isolating(
+            _HalfFailing(), ["aa", "bbb", "later", "bad"], lambda index, vector: heard.update({index: vector})
+        )
+    assert heard == {0: [2.0, 1.0], 1: [3.0, 1.0]}

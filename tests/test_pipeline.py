@@ -129,12 +129,15 @@ async def test_version_guard_refuses_an_older_result(db: asyncpg.Connection, dsn
         newer = await store.write([VectorWrite(str(project), 2, "sha-new", [1.0] + [0.0] * (DIMENSIONS - 1))])
         older = await store.write([VectorWrite(str(project), 1, "sha-old", [0.0, 1.0] + [0.0] * (DIMENSIONS - 2))])
         ahead = await store.write([VectorWrite(str(project), 3, "sha-future", [1.0] * DIMENSIONS)])
+        # Same version, other text: a row deleted and inserted again while a batch held its old text.
+        same_version = await store.write([VectorWrite(str(project), 2, "sha-reborn", [0.0, 0.0, 1.0] + [0.0] * 61)])
     finally:
         await store.close()
     assert newer == {str(project): 2}
     assert older == {}
     assert ahead == {}  # never ahead of the row's own version
-    assert (await stored(db))[project] == (2, "sha-new")
+    assert same_version == {str(project): 2}
+    assert (await stored(db))[project] == (2, "sha-reborn")
 
 
 async def test_delete_removes_the_vector_and_a_late_event_does_not_bring_it_back(
@@ -409,3 +412,14 @@ async def test_a_new_row_starts_at_version_one(db: asyncpg.Connection, dsn: str,
         await db.execute("insert into projects (id, name, description, version) values (41, 'x', 'z', 99)")
         await wait_until(lambda: all_current(db), what="both rows embedded")
     assert {project: version for project, (version, _) in (await stored(db)).items()} == {40: 1, 41: 1}
+
+
+async def test_the_hash_embedder_skips_unchanged_text_too(db: asyncpg.Connection, dsn: str) -> None:
+    project = await insert(db, "Brewlog", "fermentation")
+    async with running(make_settings(dsn)) as handle:
+        await wait_until(lambda: all_current(db), what="the first embedding")
+        inputs = handle.daemon.embed_stats.inputs
+        await db.execute("update projects set stars = 5 where id = $1", project)
+        await wait_until(lambda: all_current(db), what="the version move")
+        assert handle.daemon.embed_stats.inputs == inputs
+    assert await db.fetchval("select model from vector_sync.project_embeddings") == f"hash-{DIMENSIONS}"

@@ -564,6 +564,27 @@ async def test_400_for_a_body_whose_content_encoding_is_broken(live: RunningDaem
         assert json.loads(payload).keys() == {"error"}
 
 
+async def test_408_when_a_body_does_not_arrive(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that announces a body and never sends it cannot hold a reading slot for long."""
+    from vector_sync.sources import webhook
+
+    monkeypatch.setattr(webhook, "BODY_READ_TIMEOUT_SECONDS", 0.5)
+    async with running(make_settings(dsn)) as handle:
+        port = int(handle.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readline(), timeout=30)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    assert head.split(b" ")[1] == b"408"
+
+
 async def test_several_signatures_one_valid_is_accepted(live: RunningDaemon) -> None:
     body = webhook_body("UPDATE", 5, 2)
     reference = reference_headers(body, msg_id="msg_multi")

@@ -63,7 +63,6 @@ class Intake:
     metrics: Metrics
     drift: DriftPass | None = None
     live: dict[Source, bool] = field(default_factory=dict)
-    _overflow_reported: bool = False
     _malformed_seen: set[tuple[Source, str]] = field(default_factory=set)
 
     def offer(self, event: ChangeEvent) -> None:
@@ -78,12 +77,9 @@ class Intake:
             source=event.source.value,
             result=result.value,
         )
-        if result is Offer.FULL and not self._overflow_reported and self.drift is not None:
-            # Once per overflow: the pass clears the scheduler's flag when it starts.
-            self._overflow_reported = True
+        if result is Offer.FULL and self.drift is not None:
+            # Cheap: requests coalesce into at most one more pass after the one running.
             self.drift.request("scheduler was full")
-        elif not self.scheduler.overflowed:
-            self._overflow_reported = False
 
     def malformed(self, source: Source, reason: str) -> None:
         self.metrics.malformed.labels(source.value).inc()

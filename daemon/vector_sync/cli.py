@@ -155,7 +155,8 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     settings = _settings(require_database=False, require_embedder=False)
-    catalog = Catalog(IdKind(args.id_type), args.vector_schema)
+    version = tuple(int(part) for part in args.pgvector_version.split(".")[:3])
+    catalog = Catalog(IdKind(args.id_type), args.vector_schema, version)
     if settings.database_url is not None and not args.offline:
         try:
             catalog = asyncio.run(_read_catalog_for_sql(settings, args.vector_schema))
@@ -285,6 +286,7 @@ async def _reconcile(settings: Settings, store: Store, _catalog: Catalog) -> int
     finally:
         stop.set()
         await asyncio.gather(runner, drift, return_exceptions=True)
+        await pipeline.drain(settings.shutdown_grace)
         await embedder.close()
     still = await store.drift_page(None, 1)
     outcome = "all current" if not still else f"some remain: {gave_up or 'see the log'}"
@@ -402,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sql.add_argument("--vector-schema", default="extensions", help="schema of pgvector when not read from the database")
     sql.add_argument("--offline", action="store_true", help="do not read the catalog even when DATABASE_URL is set")
+    sql.add_argument(
+        "--pgvector-version",
+        default="0.8.0",
+        help="pgvector version when not read from the database; below 0.8 match_projects scans without "
+        "hnsw.iterative_scan (default: %(default)s)",
+    )
     add("check", "validate configuration and reach the database and the embedding API", cmd_check, ALL_VARS)
     add(
         "reconcile",

@@ -243,6 +243,13 @@ class Settings(BaseSettings):
         return self.embedder or EmbedderName.OPENAI
 
     @property
+    def vector_model(self) -> str:
+        """The model name stored with each vector: what made it, so a change re-embeds."""
+        if self.active_embedder is EmbedderName.HASH:
+            return f"hash-{self.embedding_dimensions}"
+        return self.embedding_model
+
+    @property
     def webhook_key(self) -> bytes | None:
         if self.webhook_secret is None:
             return None

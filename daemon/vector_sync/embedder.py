@@ -146,7 +146,7 @@ class OpenAIEmbedder:
 
     def __init__(self, settings: Settings, stats: EmbedStats | None = None) -> None:
         assert settings.openai_api_key is not None
-        self.model = settings.embedding_model
+        self.model = settings.vector_model
         self.dimensions = settings.embedding_dimensions
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
@@ -263,7 +263,7 @@ class HashEmbedder:
     """
 
     def __init__(self, settings: Settings, stats: EmbedStats | None = None) -> None:
-        self.model = f"hash-{settings.embedding_dimensions}"
+        self.model = settings.vector_model
         self.dimensions = settings.embedding_dimensions
         self.stats = stats or EmbedStats()
 
@@ -307,17 +307,27 @@ class Isolated:
     requests: int
 
 
-async def embed_isolating(embedder: Embedder, texts: Sequence[str]) -> Isolated:
+async def embed_isolating(
+    embedder: Embedder, texts: Sequence[str], on_vector: Callable[[int, list[float]], None] | None = None
+) -> Isolated:
     """Embed `texts`; when the API refuses the request, bisect to find the inputs it refuses.
 
-    Transient and quota errors propagate untouched: they say nothing about a particular input.
+    `on_vector(index, vector)` hears of each vector as soon as its part succeeds, so a later part's
+    transient or quota error (which propagate untouched: they say nothing about an input) does not
+    throw away vectors already paid for.
     """
     try:
-        return Isolated(list(await embedder.embed(texts)), 1)
+        vectors = list(await embedder.embed(texts))
     except BadInput as exc:
         if len(texts) == 1:
             return Isolated([Refused(str(exc))], 1)
+    else:
+        if on_vector is not None:
+            for index, vector in enumerate(vectors):
+                on_vector(index, vector)
+        return Isolated(list(vectors), 1)
     middle = len(texts) // 2
-    left = await embed_isolating(embedder, texts[:middle])
-    right = await embed_isolating(embedder, texts[middle:])
+    left = await embed_isolating(embedder, texts[:middle], on_vector)
+    shifted = None if on_vector is None else (lambda index, vector: on_vector(middle + index, vector))
+    right = await embed_isolating(embedder, texts[middle:], shifted)
     return Isolated(left.results + right.results, 1 + left.requests + right.requests)

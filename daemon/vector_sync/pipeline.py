@@ -37,6 +37,11 @@ PAUSE_MAX = 600.0
 VECTOR_CACHE_SIZE = 4096
 
 
+def is_current(row: RowState, model: str) -> bool:
+    """The stored vector is of this text, by this model, at this version or later."""
+    return (row.stored_version or 0) >= row.version and (row.stored_model, row.stored_sha256) == (model, row.sha256)
+
+
 def retry_delay(attempt: int) -> float:
     """Back-off for an id whose batch failed: 2, 4, 8 ... up to 5 minutes, with jitter."""
     return min(300.0, 2.0 * 2.0**attempt) * random.uniform(0.75, 1.25)
@@ -51,6 +56,7 @@ class BatchReport:
     deleted: int = 0
     dead: int = 0
     deferred: int = 0
+    refused: int = 0  # writes the version guard turned down: a newer vector, or the row gone
     api_inputs: int = 0
     api_requests: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -198,7 +204,10 @@ class Pipeline:
             if row is None:
                 report.deleted += 1
                 batch.done(due, None)
-            elif (row.stored_version or 0) >= row.version and row.stored_model == model:
+            elif (row.stored_version or 0) >= row.version and (row.stored_model, row.stored_sha256) == (
+                model,
+                row.sha256,
+            ):
                 report.current += 1
                 batch.done(due, row.stored_version)
             elif row.stored_sha256 == row.sha256 and row.stored_model == model:
@@ -243,8 +252,12 @@ class Pipeline:
         texts = [by_sha[sha][0][1].text for sha in missing]
         for group in chunk_for_requests(texts, self._batch_size):
             shas = [missing[index] for index in group]
+
+            def remember(index: int, vector: list[float], shas: list[str] = shas) -> None:
+                self._remember(model, shas[index], vector)
+
             try:
-                isolated = await embed_isolating(self._embedder, [texts[index] for index in group])
+                isolated = await embed_isolating(self._embedder, [texts[index] for index in group], remember)
             except TransientEmbeddingError as exc:
                 self._metrics.errors.labels("transient").inc()
                 batch.defer([due for sha in shas for due, _ in by_sha[sha]], str(exc))
@@ -262,7 +275,6 @@ class Pipeline:
                         await self._dead_letter(batch, due, row, result.error)
                 else:
                     vectors[sha] = result
-                    self._remember(model, sha, result)
         return vectors
 
     async def _write(self, batch: _Batch, writes: list[tuple[Due, RowState, VectorWrite]]) -> None:
@@ -276,11 +288,13 @@ class Pipeline:
             return
         now = time.time()
         for due, _, write in writes:
-            if write.embedding is None:
+            stored = applied.get(due.project_id)
+            if stored is None:
+                report.refused += 1
+            elif write.embedding is None:
                 report.unchanged += 1
             else:
                 report.embedded += 1
-            stored = applied.get(due.project_id)
             if stored is not None and due.committed_at is not None:
                 report.latencies.append(max(0.0, now - due.committed_at))
             # Only what the guard let through counts as done; a refused write (a newer vector, or
@@ -332,7 +346,8 @@ class Pipeline:
         latency = max(report.latencies) if report.latencies else None
         logger.info(
             "batch rows={rows} embedded={embedded} unchanged={unchanged} current={current} "
-            "deleted={deleted} dead={dead} deferred={deferred} api_requests={api_requests} api_inputs={api_inputs} "
+            "deleted={deleted} dead={dead} deferred={deferred} refused={refused} api_requests={api_requests} "
+            "api_inputs={api_inputs} "
             "took_ms={took_ms} max_commit_latency_ms={max_commit_latency_ms}",
             rows=report.rows,
             embedded=report.embedded,
@@ -341,6 +356,7 @@ class Pipeline:
             deleted=report.deleted,
             dead=report.dead,
             deferred=report.deferred,
+            refused=report.refused,
             api_requests=report.api_requests,
             api_inputs=report.api_inputs,
             took_ms=round((time.monotonic() - started) * 1000),

@@ -103,7 +103,7 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings, catalog: Catalog) -> None:
         self.pool = pool
-        self.model = settings.embedding_model
+        self.model = settings.vector_model
         self._halfvec = uses_halfvec(settings.embedding_dimensions)
         table = quote_table(settings.table)
         ident = quote_ident(settings.id_column)
@@ -121,8 +121,9 @@ class Store:
         array_type = "halfvec[]" if self._halfvec else "vector[]"
         vector_schema = quote_ident(catalog.vector_schema)
         # The join with the source row makes a write for a deleted row a no-op instead of a foreign
-        # key error, and `t.version >= u.version` keeps a vector from ever getting ahead of its row
-        # (a row deleted and inserted again starts at version 1).
+        # key error, and `t.version >= u.version` keeps a vector from ever getting ahead of its row.
+        # Same version with other text happens when a row is deleted and inserted again (versions
+        # restart at 1) while a batch still held the old text: the newer read wins.
         self._upsert = f"""
             insert into vector_sync.project_embeddings as e
                    (project_id, version, content_sha256, model, embedding, embedded_at, committed_at)
@@ -136,7 +137,8 @@ class Store:
                    model = excluded.model, embedding = excluded.embedding,
                    embedded_at = excluded.embedded_at, committed_at = excluded.committed_at
              where excluded.version > e.version
-                or (excluded.version = e.version and excluded.model <> e.model)
+                or (excluded.version = e.version
+                    and (excluded.model <> e.model or excluded.content_sha256 <> e.content_sha256))
             returning e.project_id::text, e.version
         """
         self._move_versions = f"""

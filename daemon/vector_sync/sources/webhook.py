@@ -6,6 +6,7 @@ rate and size limits. Statuses follow interface.md's table exactly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,8 +26,10 @@ from vector_sync.events import IdKind, MalformedEvent, Source, parse_webhook
 from vector_sync.ports import EventSink
 
 MAX_BODY_BYTES = 1024 * 1024
-# Bodies being read at once: with the 1 MiB cap this bounds the listener's buffers to 64 MiB.
+# Bodies being read at once: with the 1 MiB cap this bounds the listener's buffers to 64 MiB. A body
+# must arrive within the read timeout, so slow senders cannot hold the slots.
 MAX_CONCURRENT_BODIES = 64
+BODY_READ_TIMEOUT_SECONDS = 10.0
 TIMESTAMP_TOLERANCE_SECONDS = 300
 MAX_TRACKED_ADDRESSES = 10_000
 MAX_WEBHOOK_ID_LENGTH = 256
@@ -153,7 +156,10 @@ class WebhookReceiver:
             return _error(429, "too many requests in progress", {"Retry-After": "1"})
         self._reading += 1
         try:
-            body = await _read_limited(request, MAX_BODY_BYTES)
+            async with asyncio.timeout(BODY_READ_TIMEOUT_SECONDS):
+                body = await _read_limited(request, MAX_BODY_BYTES)
+        except TimeoutError:
+            return _error(408, "body not received in time")
         except (RequestPayloadError, HttpProcessingError, ValueError):
             return _error(400, "body could not be read (bad transfer or content encoding)")
         finally:
