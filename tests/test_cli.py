@@ -46,6 +46,17 @@ async def vector_sync(*args: str, env: dict[str, str], timeout: float = 120) -> 
     return process.returncode, out.decode(), err.decode()
 
 
+async def ready(port: int) -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -130,18 +141,7 @@ async def test_run_serves_and_stops_cleanly_on_sigterm(db: asyncpg.Connection, d
         sys.executable, "-m", "vector_sync", "run", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-
-        async def ready() -> bool:
-            try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.get(f"http://127.0.0.1:{port}/readyz") as response,
-                ):
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(ready, what="/readyz to answer 200")
+        await wait_until(lambda: ready(port), what="/readyz to answer 200")
         await db.execute("insert into projects (name, description) values ('Stargazer', 'planets tonight')")
         await wait_until(lambda: all_current(db), what="the insert to be embedded by the subprocess")
         process.send_signal(signal.SIGTERM)
@@ -184,18 +184,7 @@ async def test_run_embedded_starts_its_own_postgres(tmp_path: Path) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-
-        async def ready() -> bool:
-            try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.get(f"http://127.0.0.1:{port}/readyz") as response,
-                ):
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(ready, timeout=60, what="the embedded daemon to be ready")
+        await wait_until(lambda: ready(port), timeout=60, what="the embedded daemon to be ready")
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), timeout=60) == 0
     finally:

@@ -100,6 +100,10 @@ def parse_table_name(text: str) -> TableName:
     raise ValueError("expected at most one dot: [schema.]table")
 
 
+def _comma_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _check_identifier(name: str) -> str:
     if not name or "\x00" in name or len(name.encode()) > 63:
         raise ValueError("expected a column name of 1 to 63 bytes")
@@ -169,7 +173,7 @@ class Settings(BaseSettings):
     @classmethod
     def _sources(cls, value: object) -> object:
         if isinstance(value, str):
-            names = [part.strip().lower() for part in value.split(",") if part.strip()]
+            names = [name.lower() for name in _comma_list(value)]
             if not names:
                 raise ValueError("expected a comma list of realtime, webhook, listen")
             unknown = [name for name in names if name not in SourceName.__members__.values()]
@@ -192,7 +196,7 @@ class Settings(BaseSettings):
     @classmethod
     def _content_columns(cls, value: object) -> object:
         if isinstance(value, str):
-            columns = tuple(part.strip() for part in value.split(",") if part.strip())
+            columns = tuple(_comma_list(value))
             if not columns:
                 raise ValueError("expected a comma list of column names")
             return tuple(_check_identifier(column) for column in columns)
