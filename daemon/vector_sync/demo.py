@@ -140,18 +140,27 @@ async def _demo(dsn: str) -> int:
             "where id = $1 returning version",
             edited,
         )
+        inputs = stats.inputs
         status = await _post_webhook(daemon, secret, edited, version)
         await _wait_for(lambda: _equals(stored_version(edited), version), "the edit to be embedded")
+        await _wait_for(lambda: _true(daemon.scheduler is not None and daemon.scheduler.is_idle()), "idle")
         results.append((f"project {edited} (description edited)", f"embedded at version {version}"))
-        results.append(("  same change by webhook", f"HTTP {status}, deduplicated: no second API call"))
+        sent = stats.inputs - inputs
+        verdict = "deduplicated: one API input for both" if sent == 1 else f"SENT {sent} TIMES"
+        results.append(("  same change by webhook", f"HTTP {status}, {verdict}"))
+        checks = [sent == 1]
 
         # 2. A change in a column that is not embedded: the version moves, no API call.
         unchanged = 5
         version = await conn.fetchval(
             "update projects set stars = stars + 1 where id = $1 returning version", unchanged
         )
+        inputs = stats.inputs
         await _wait_for(lambda: _equals(stored_version(unchanged), version), "the stars-only change")
-        results.append((f"project {unchanged} (stars only)", f"skipped as unchanged, stored version now {version}"))
+        skipped = stats.inputs == inputs
+        verdict = "skipped as unchanged (no API call)" if skipped else "RE-EMBEDDED (an API call)"
+        results.append((f"project {unchanged} (stars only)", f"{verdict}, stored version now {version}"))
+        checks.append(skipped)
 
         # 3. A delete: the foreign key cascade removes the vector in the same transaction.
         deleted = 9
@@ -184,9 +193,13 @@ async def _demo(dsn: str) -> int:
 
         stop.set()
         code = await runner
-        return 0 if code == 0 and gone else 1
+        return 0 if code == 0 and gone and all(checks) else 1
     finally:
         await conn.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _equals(value: Awaitable[Any], expected: Any) -> bool:
