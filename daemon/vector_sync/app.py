@@ -101,12 +101,12 @@ class Intake:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, embedder: Embedder | None = None, catalog: Catalog | None = None):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.embed_stats = EmbedStats()
-        self._embedder = embedder
-        self._catalog = catalog
+        self._embedder: Embedder | None = None
+        self._catalog: Catalog | None = None
         self._stopping = asyncio.Event()
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -136,14 +136,14 @@ class Daemon:
 
     async def _start(self) -> None:
         settings = self.settings
-        catalog = self._catalog or await load_catalog(settings)
+        catalog = await load_catalog(settings)
         try:
             self.store = await Store.connect(settings, catalog)
         except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise FatalError(f"cannot open the database pool: {type(exc).__name__}: {exc}") from exc
-        embedder = self._embedder or build_embedder(settings, self.embed_stats)
+        embedder = build_embedder(settings, self.embed_stats)
         self._embedder = embedder
-        self.metrics.watch_embedder(getattr(embedder, "stats", self.embed_stats))
+        self.metrics.watch_embedder(self.embed_stats)
         self.scheduler = Scheduler(
             insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
         )

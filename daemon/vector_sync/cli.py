@@ -51,7 +51,6 @@ EMBEDDING_VARS = [
     "max_retries",
 ]
 TABLE_VARS = ["table", "id_column", "content_columns"]
-LOG_VARS = ["log_format", "log_level"]
 ALL_VARS = sorted(set(ENV_NAMES.values()))
 
 
@@ -83,14 +82,11 @@ def _settings(require_database: bool = True, require_embedder: bool = True, **ov
 async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    interrupts = 0
 
     def on_signal(signum: int) -> None:
-        nonlocal interrupts
         # Only set the event: shutdown itself runs in the daemon's own order. A second Ctrl-C means
         # the operator will not wait for the grace period.
         if signum == signal.SIGINT and stop.is_set():
-            interrupts += 1
             logger.warning("second interrupt: exiting now")
             os._exit(130)
         stop.set()

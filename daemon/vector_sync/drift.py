@@ -80,8 +80,6 @@ class DriftPass:
         """One full pass; returns how many rows it found missing or behind (so far, if stopped)."""
         started = time.monotonic()
         stop = stop or asyncio.Event()
-        # Ids refused for lack of room before now are covered by this pass.
-        self._scheduler.overflowed = False
         found = 0
         after: str | None = None
         while not stop.is_set():

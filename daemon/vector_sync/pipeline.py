@@ -182,12 +182,6 @@ class Pipeline:
             logger.exception("batch of {rows} rows failed unexpectedly; retrying later", rows=batch.report.rows)
             batch.defer(batch.unsettled(), "unexpected error")
 
-    async def process(self, dues: list[Due]) -> BatchReport:
-        """Process one batch of due ids (the dispatcher's unit of work; also used by tests)."""
-        batch = _Batch(self._scheduler, dues)
-        await self._process(batch)
-        return batch.report
-
     async def _process(self, batch: _Batch) -> None:
         started = time.monotonic()
         report = batch.report

@@ -90,8 +90,6 @@ class Scheduler:
         """Set while there is room for new ids."""
         self.room.set()
         self._last_full_log = -1e9
-        self.overflowed = False
-        """Set when an id was refused for lack of room; a drift pass must pick it up later."""
         self.counts: dict[str, int] = {offer.value: 0 for offer in Offer}
 
     # --- sizes, for metrics and tests -------------------------------------------------------
@@ -185,7 +183,6 @@ class Scheduler:
         return Offer.DUPLICATE
 
     def _refuse_for_room(self) -> Offer:
-        self.overflowed = True
         now = self._clock()
         if now - self._last_full_log >= 60:
             self._last_full_log = now
