@@ -1,0 +1,77 @@
+"""Commit → stored latency at a steady rate of changes, read from the database at both ends.
+
+The daemon runs as a real subprocess (LISTEN source, no settle delays) against embedded Postgres and
+the test API. Rows are inserted and then updated at `--rate` changes a second for `--seconds`; the
+latency of each stored vector is `embedded_at - committed_at`, both stamped by Postgres
+(clock_timestamp() in the trigger and in the upsert).
+
+    .venv/bin/python bench/freshness.py --rate 50 --seconds 30 --latency-ms 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+from throughput import daemon, embedding_api, fresh_database, percentile, wait_all_current
+from vector_sync.embedded import EmbeddedPostgres
+
+
+async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[str, float]:
+    dsn = await fresh_database(admin, "bench_fresh")
+    conn = await asyncpg.connect(dsn)
+    samples: list[float] = []
+    async with embedding_api(latency_ms) as api_url, daemon(dsn, api_url, 100):
+        await asyncio.sleep(2)  # start-up; the steady workload below is what is measured
+        started = time.monotonic()
+        count = 0
+        while time.monotonic() - started < seconds:
+            # Half inserts, half updates of rows inserted earlier: both kinds of change.
+            if count % 2 == 0 or count < 2:
+                await conn.execute("insert into projects (name, description) values ($1, $2)", f"p{count}", f"t{count}")
+            else:
+                await conn.execute("update projects set description = $1 where id = $2", f"u{count}", count // 2)
+            count += 1
+            await asyncio.sleep(max(0.0, started + count / rate - time.monotonic()))
+        await wait_all_current(conn)
+        rows = await conn.fetch(
+            "select (extract(epoch from embedded_at - committed_at) * 1000)::float8 as ms "
+            "from vector_sync.project_embeddings where committed_at is not null"
+        )
+        samples = sorted(row["ms"] for row in rows)
+    await conn.close()
+    return {
+        "changes": count,
+        "rate_per_s": round(count / seconds, 1),
+        "vectors": len(samples),
+        "p50_ms": round(percentile(samples, 0.5), 1),
+        "p99_ms": round(percentile(samples, 0.99), 1),
+        "max_ms": round(samples[-1], 1) if samples else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=int, default=50)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--latency-ms", type=int, default=0)
+    args = parser.parse_args()
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="vs-bench-fresh-")) / "pgdata", delete=True)
+    admin = server.start()
+    try:
+        result = asyncio.run(drive(admin, args.rate, args.seconds, args.latency_ms))
+    finally:
+        server.stop()
+    print(
+        f"{result['changes']} changes at {result['rate_per_s']}/s, API latency {args.latency_ms} ms: "
+        f"commit → stored p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms "
+        f"({result['vectors']} vectors)"
+    )
+
+
+if __name__ == "__main__":
+    main()
