@@ -26,7 +26,7 @@ from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Offer, Scheduler
 from vector_sync.sources.listen import ListenSource
 from vector_sync.sources.webhook import WebhookReceiver
-from vector_sync.store import DATABASE_UNAVAILABLE, Store
+from vector_sync.store import DATABASE_ERRORS, Store
 from vector_sync.web import HttpServer
 
 READINESS_QUERY_TIMEOUT = 2.0
@@ -41,7 +41,7 @@ async def load_catalog(settings: Settings) -> Catalog:
     assert settings.database_url is not None
     try:
         conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
-    except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+    except DATABASE_ERRORS as exc:
         raise FatalError(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
     try:
         catalog = await read_catalog(conn, settings)
@@ -139,7 +139,7 @@ class Daemon:
         catalog = await load_catalog(settings)
         try:
             self.store = await Store.connect(settings, catalog)
-        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except DATABASE_ERRORS as exc:
             raise FatalError(f"cannot open the database pool: {type(exc).__name__}: {exc}") from exc
         embedder = build_embedder(settings, self.embed_stats)
         self._embedder = embedder
@@ -266,7 +266,7 @@ class Daemon:
                 async with asyncio.timeout(READINESS_QUERY_TIMEOUT):
                     await self.store.pool.fetchval("select 1")
                 database = True
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
+            except DATABASE_ERRORS:
                 database = False
         details["database"] = "ok" if database else "unreachable"
         sources = {}

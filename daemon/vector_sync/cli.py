@@ -32,7 +32,7 @@ from vector_sync.migrations import (
 )
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Scheduler
-from vector_sync.store import DATABASE_UNAVAILABLE, Store
+from vector_sync.store import DATABASE_ERRORS, Store
 
 CONNECTION_VARS = ["DATABASE_URL"]
 # `reconcile` stops waiting for rows that failed this many times (a stuck database or API).
@@ -143,7 +143,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     settings = _settings(require_embedder=False)
     try:
         applied = asyncio.run(_migrate(settings))
-    except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError, SchemaError) as exc:
+    except (*DATABASE_ERRORS, SchemaError) as exc:
         return _database_failure("migrate", exc)
     logger.info("migrations up to date ({count} applied now)", count=len(applied))
     return 0
@@ -156,7 +156,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if settings.database_url is not None and not args.offline:
         try:
             catalog = asyncio.run(_read_catalog_for_sql(settings, args.vector_schema))
-        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError, SchemaError) as exc:
+        except (*DATABASE_ERRORS, SchemaError) as exc:
             return _database_failure("reading the catalog", exc)
     out = [
         "-- vector-sync migrations, rendered by `vector-sync sql`",

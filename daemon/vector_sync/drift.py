@@ -11,13 +11,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import asyncpg
 from loguru import logger
 
 from vector_sync.aio import backoff, wait_first, wait_or_stop
 from vector_sync.events import ChangeEvent, Op, Source
 from vector_sync.scheduler import Scheduler
-from vector_sync.store import DATABASE_UNAVAILABLE, Store
+from vector_sync.store import DATABASE_ERRORS, Store
 
 PAGE_SIZE = 2000
 
@@ -58,7 +57,7 @@ class DriftPass:
             try:
                 await self.run_once(", ".join(reasons) or "requested", stop=stop)
                 failures = 0
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 # Unreachable, or e.g. a statement timeout on a large table: back off and try again.
                 failures += 1
                 delay = backoff(failures, first=1.0, cap=60.0)

@@ -34,6 +34,8 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
 )
+# Any failure to reach or query the database, for callers that report it rather than retry a batch.
+DATABASE_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 def content_text(values: Sequence[str | None]) -> str:
