@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
 import asyncpg
-from throughput import daemon, embedding_api, fresh_database, percentile, wait_all_current
-from vector_sync.embedded import EmbeddedPostgres
+from throughput import daemon, embedded_postgres, embedding_api, fresh_database, percentile, wait_all_current
 
 
 async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[str, float]:
@@ -60,12 +57,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--latency-ms", type=int, default=0)
     args = parser.parse_args()
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="vs-bench-fresh-")) / "pgdata", delete=True)
-    admin = server.start()
-    try:
+    with embedded_postgres("vs-bench-fresh-") as admin:
         result = asyncio.run(drive(admin, args.rate, args.seconds, args.latency_ms))
-    finally:
-        server.stop()
     print(
         f"{result['changes']} changes at {result['rate_per_s']}/s, API latency {args.latency_ms} ms: "
         f"commit → stored p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms "

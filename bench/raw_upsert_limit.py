@@ -13,15 +13,12 @@ import argparse
 import asyncio
 import math
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import asyncpg
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
-from throughput import DIMENSIONS, fresh_database, texts
-from vector_sync.embedded import EmbeddedPostgres
+from throughput import DIMENSIONS, embedded_postgres, fresh_database, texts
 
 UPSERT = """
 insert into vector_sync.project_embeddings (project_id, version, content_sha256, model, embedding)
@@ -59,13 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3000)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vs-bench-raw-"))
-    server = EmbeddedPostgres(workdir / "pgdata", delete=True)
-    admin = server.start()
-    try:
+    with embedded_postgres("vs-bench-raw-") as admin:
         asyncio.run(measure(admin, args.rows))
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":
