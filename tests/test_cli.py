@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +46,20 @@ async def vector_sync(*args: str, env: dict[str, str], timeout: float = 120) -> 
     out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def serving(*args: str, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`vector-sync ARGS` as a long-running subprocess (stderr captured); killed if a test leaves it running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vector_sync", *args, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def ready(port: int) -> bool:
@@ -137,19 +153,12 @@ async def test_run_serves_and_stops_cleanly_on_sigterm(db: asyncpg.Connection, d
         VECTOR_SYNC_INSERT_DELAY="0s",
         VECTOR_SYNC_LOG_FORMAT="json",
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vector_sync", "run", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    try:
+    async with serving("run", env=env) as process:
         await wait_until(lambda: ready(port), what="/readyz to answer 200")
         await db.execute("insert into projects (name, description) values ('Stargazer', 'planets tonight')")
         await wait_until(lambda: all_current(db), what="the insert to be embedded by the subprocess")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.stderr is not None
     log = (await process.stderr.read()).decode()
     assert '"message": "stopped in' in log
@@ -172,25 +181,10 @@ async def test_run_fails_fast_when_migrations_are_missing(pg_server: str) -> Non
 async def test_run_embedded_starts_its_own_postgres(tmp_path: Path) -> None:
     port = free_port()
     env = base_env(VECTOR_SYNC_EMBEDDER="hash", VECTOR_SYNC_HTTP_HOST="127.0.0.1", VECTOR_SYNC_HTTP_PORT=str(port))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vector_sync",
-        "run",
-        "--embedded",
-        "--data-dir",
-        str(tmp_path / "pgdata"),
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with serving("run", "--embedded", "--data-dir", str(tmp_path / "pgdata"), env=env) as process:
         await wait_until(lambda: ready(port), timeout=60, what="the embedded daemon to be ready")
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), timeout=60) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert (tmp_path / "pgdata" / "PG_VERSION").exists()
 
 
