@@ -20,7 +20,8 @@ for _name in list(os.environ):
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
 
 from embedding_api import EmbeddingAPI  # noqa: E402
-from support import DIMENSIONS, create_database, make_template  # noqa: E402
+from realtime_server import LogicalPostgres, RealtimeServer  # noqa: E402
+from support import AUDIT_SQL, DIMENSIONS, create_database, make_template  # noqa: E402
 from vector_sync.embedded import EmbeddedPostgres  # noqa: E402
 
 
@@ -40,6 +41,45 @@ def pg_server() -> Iterator[str]:
     asyncio.run(make_template(dsn))
     yield dsn
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def logical_pg() -> Iterator[str]:
+    """Admin DSN of a second embedded PostgreSQL, with wal_level = logical (for the Realtime test
+    server's logical decoding), and the migrated template. Started only by tests that need it."""
+    postgres = LogicalPostgres(Path(tempfile.mkdtemp(prefix="vs-realtime-")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dsn = postgres.start()
+    asyncio.run(make_template(dsn))
+    yield dsn
+    postgres.stop()
+
+
+@pytest.fixture
+async def live_dsn(logical_pg: str) -> str:
+    """A fresh database on the logical-decoding server, with every vector write audited."""
+    dsn = await create_database(logical_pg)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(AUDIT_SQL)
+    finally:
+        await conn.close()
+    return dsn
+
+
+@pytest.fixture
+async def live_db(live_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(live_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def live_server(live_dsn: str) -> AsyncIterator[RealtimeServer]:
+    """A Realtime test server whose events are live_dsn's committed changes to public.projects."""
+    async with RealtimeServer(live_dsn, publish_tables=["public.projects"]) as server:
+        yield server
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from realtime_server import DEFAULT_API_KEY, RealtimeServer
 from vector_sync.app import Daemon
 from vector_sync.config import Settings, decode_webhook_secret, load_settings
 from vector_sync.migrations import migrate
@@ -33,6 +34,19 @@ create table public.projects (
   stars       integer not null default 0
 )
 """
+# Records every write to project_embeddings, so a test can prove no (id, version) was written twice.
+AUDIT_SQL = """
+create schema test_audit;
+create table test_audit.writes (project_id bigint, version bigint, at timestamptz default clock_timestamp());
+create function test_audit.record() returns trigger language plpgsql as $$
+begin
+  insert into test_audit.writes (project_id, version) values (new.project_id, new.version);
+  return null;
+end $$;
+create trigger record_writes after insert or update on vector_sync.project_embeddings
+  for each row execute function test_audit.record();
+"""
+REALTIME_API_KEY = DEFAULT_API_KEY
 _database_numbers = itertools.count()
 
 
@@ -85,6 +99,25 @@ def make_settings(dsn: str, api_url: str | None = None, **overrides: Any) -> Set
         values["VECTOR_SYNC_EMBEDDER"] = "hash"
     values.update(overrides)
     return load_settings(**values)
+
+
+def realtime_settings(dsn: str, server: RealtimeServer, **overrides: Any) -> Settings:
+    """`make_settings` with the Realtime source (plus webhook) pointed at the test server."""
+    values: dict[str, Any] = {
+        "VECTOR_SYNC_SOURCES": "realtime,webhook",
+        "SUPABASE_URL": server.url,
+        "SUPABASE_SERVICE_ROLE_KEY": REALTIME_API_KEY,
+    }
+    values.update(overrides)
+    return make_settings(dsn, **values)
+
+
+async def twice_written(conn: asyncpg.Connection) -> list[tuple[int, int]]:
+    """(id, version) pairs written to project_embeddings more than once (needs AUDIT_SQL)."""
+    rows = await conn.fetch(
+        "select project_id, version from test_audit.writes group by 1, 2 having count(*) > 1 order by 1, 2"
+    )
+    return [(row[0], row[1]) for row in rows]
 
 
 async def wait_until(

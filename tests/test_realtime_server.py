@@ -11,10 +11,8 @@ import asyncio
 import json
 import re
 import sys
-import tempfile
 import time
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +23,11 @@ from realtime import AsyncRealtimeClient, RealtimePostgresChangesListenEvent, Re
 from realtime_server import (
     DEFAULT_API_KEY,
     MALFORMED_KINDS,
-    LogicalPostgres,
     RealtimeServer,
     binding_id,
     make_jwt,
 )
-from support import create_database, make_template, wait_until
+from support import create_database, wait_until
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -54,18 +51,6 @@ COLUMNS = [
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def logical_pg() -> Iterator[str]:
-    """Admin DSN of an embedded PostgreSQL with wal_level = logical and the migrated template."""
-    postgres = LogicalPostgres(Path(tempfile.mkdtemp(prefix="vs-realtime-")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dsn = postgres.start()
-    asyncio.run(make_template(dsn))
-    yield dsn
-    postgres.stop()
 
 
 @pytest.fixture

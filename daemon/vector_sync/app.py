@@ -19,12 +19,13 @@ from loguru import logger
 from vector_sync.config import Settings, SourceName
 from vector_sync.drift import DriftPass
 from vector_sync.embedder import Embedder, EmbedStats, build_embedder
-from vector_sync.events import ChangeEvent, Source
+from vector_sync.events import ChangeEvent, ProjectId, Source
 from vector_sync.metrics import Metrics
 from vector_sync.migrations import Catalog, SchemaError, pending_migrations, read_catalog
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Offer, Scheduler
 from vector_sync.sources.listen import ListenSource
+from vector_sync.sources.realtime import RealtimeSource, RealtimeStatus
 from vector_sync.sources.webhook import WebhookReceiver
 from vector_sync.store import DATABASE_ERRORS, Store
 from vector_sync.web import HttpServer
@@ -91,6 +92,15 @@ class Intake:
         if self.drift is not None:
             self.drift.request(reason)
 
+    def request_recent(self, reason: str) -> None:
+        if self.drift is not None:
+            self.drift.request_recent(reason)
+
+    def recheck(self, project_id: ProjectId, reason: str) -> None:
+        logger.debug("re-check project {project_id}: {reason}", project_id=project_id, reason=reason)
+        if self.drift is not None:
+            self.drift.recheck(project_id, reason)
+
     def source_state(self, source: Source, live: bool) -> None:
         if self.live.get(source) != live:
             logger.info("source {source} is {state}", source=source.value, state="live" if live else "down")
@@ -105,6 +115,7 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics()
         self.embed_stats = EmbedStats()
+        self.realtime_status = RealtimeStatus()
         self._embedder: Embedder | None = None
         self._catalog: Catalog | None = None
         self._stopping = asyncio.Event()
@@ -144,6 +155,8 @@ class Daemon:
         embedder = build_embedder(settings, self.embed_stats)
         self._embedder = embedder
         self.metrics.watch_embedder(self.embed_stats)
+        if SourceName.REALTIME in settings.active_sources:
+            self.metrics.watch_realtime(self.realtime_status)
         self.scheduler = Scheduler(
             insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
         )
@@ -152,7 +165,9 @@ class Daemon:
         self.metrics.oldest_pending.set_function(self._oldest_pending_age)
         self.metrics.pending_limit.set(settings.max_pending)
         self.intake = Intake(self.scheduler, self.metrics)
-        self.drift = DriftPass(self.store, self.scheduler, self.intake.offer, on_found=self._count_drift)
+        self.drift = DriftPass(
+            self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
+        )
         self.intake.drift = self.drift
         self.pipeline = Pipeline(
             scheduler=self.scheduler,
@@ -201,6 +216,22 @@ class Daemon:
         if SourceName.LISTEN in self.settings.active_sources:
             listen = ListenSource(self.settings.database_url.get_secret_value(), self.intake, self._catalog.id_kind)
             jobs["listen"] = listen.run(self._stopping)
+        if SourceName.REALTIME in self.settings.active_sources:
+            assert self.settings.supabase_url and self.settings.supabase_key
+            realtime = RealtimeSource(
+                self.settings.supabase_url,
+                self.settings.supabase_key.get_secret_value(),
+                self.intake,
+                id_kind=self._catalog.id_kind,
+                schema=self.settings.table.schema,
+                table=self.settings.table.name,
+                id_column=self.settings.id_column,
+                status=self.realtime_status,
+                ready_timeout=self.settings.realtime_ready_timeout,
+            )
+            jobs["realtime"] = realtime.run(self._stopping)
+        if self.settings.safety_interval > 0:
+            jobs["safety interval"] = self.drift.run_every(self.settings.safety_interval, self._stopping)
         if self.webhook is not None:
             self.intake.source_state(Source.WEBHOOK, True)
         if SourceName.LISTEN not in self.settings.active_sources:
@@ -274,6 +305,11 @@ class Daemon:
         for name in sorted(self.settings.active_sources):
             sources[name.value] = "live" if live.get(Source(name.value)) else "down"
         details["sources"] = sources
+        if SourceName.REALTIME in self.settings.active_sources:
+            details["realtime"] = {
+                "state": self.realtime_status.state,
+                "generation": self.realtime_status.generation,
+            }
         paused = self.pipeline.paused if self.pipeline else False
         details["embedding"] = "paused" if paused else "ok"
         details["ready"] = database and not paused and all(state == "live" for state in sources.values())

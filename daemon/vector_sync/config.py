@@ -163,8 +163,20 @@ class Settings(BaseSettings):
     webhook_rate_limit: int = Field(1000, ge=1, le=1_000_000, validation_alias="VECTOR_SYNC_WEBHOOK_RATE_LIMIT")
     shutdown_grace: Duration = Field(10.0, validation_alias="VECTOR_SYNC_SHUTDOWN_GRACE")
     pool_size: int = Field(4, ge=2, le=100, validation_alias="VECTOR_SYNC_DB_POOL_SIZE")
+    # A periodic recent-changes pass for deployments where no second stream covers Realtime's
+    # silent drops (its rate limit). 0 = off.
+    safety_interval: Duration = Field(0.0, validation_alias="VECTOR_SYNC_SAFETY_INTERVAL")
+    realtime_ready_timeout: Duration = Field(30.0, validation_alias="VECTOR_SYNC_REALTIME_READY_TIMEOUT")
 
-    @field_validator("insert_delay", "update_delay", "request_timeout", "shutdown_grace", mode="before")
+    @field_validator(
+        "insert_delay",
+        "update_delay",
+        "request_timeout",
+        "shutdown_grace",
+        "safety_interval",
+        "realtime_ready_timeout",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
@@ -360,10 +372,6 @@ def requirement_problems(settings: Settings, *, require_database: bool, require_
             "VECTOR_SYNC_WEBHOOK_TOKEN: expected one of them to be set"
         )
     if SourceName.REALTIME in sources:
-        problems.append(
-            "VECTOR_SYNC_SOURCES: got 'realtime' (the default when SUPABASE_URL is set): the realtime source is "
-            "not available in this version; expected listen and/or webhook"
-        )
         if settings.supabase_url is None:
             problems.append("SUPABASE_URL: missing: the realtime source needs the project URL")
         if settings.supabase_key is None:

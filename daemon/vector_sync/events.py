@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, NewType
 
@@ -178,4 +179,60 @@ def parse_notify(payload: str, *, kind: IdKind) -> ChangeEvent:
         op=op,
         source=Source.LISTEN,
         committed_at=_epoch(data.get("committed_at")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """A Realtime event whose record was cut (413) before it yielded an id and a version.
+
+    `project_id` is set when the id survived: only that row needs a look. Without it, any row may
+    have changed.
+    """
+
+    project_id: ProjectId | None
+    errors: tuple[str, ...]
+
+
+def _commit_epoch(raw: object) -> float | None:
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw).timestamp()
+    except ValueError:
+        return None
+
+
+def parse_realtime(data: object, *, kind: IdKind, table: str, schema: str, id_column: str) -> ChangeEvent | Truncated:
+    """The `data` of a Realtime `postgres_changes` payload → ChangeEvent, or `Truncated` for a 413."""
+    if not isinstance(data, dict):
+        raise MalformedEvent("postgres_changes data is not an object")
+    op = _op(data.get("type"))
+    if data.get("table") != table or data.get("schema") != schema:
+        raise MalformedEvent("postgres_changes for another table")
+    raw_errors = data.get("errors")
+    errors = tuple(str(error) for error in raw_errors) if isinstance(raw_errors, list) else ()
+    record = data.get("old_record") if op is Op.DELETE else data.get("record")
+    if not isinstance(record, dict):
+        if errors:
+            return Truncated(None, errors)
+        raise MalformedEvent("record is missing" if op is not Op.DELETE else "old_record is missing")
+    try:
+        project_id = normalize_id(record.get(id_column), kind)
+    except MalformedEvent:
+        if errors:
+            return Truncated(None, errors)
+        raise
+    try:
+        version = parse_version(record.get("version"), required=op is not Op.DELETE)
+    except MalformedEvent:
+        if errors:
+            return Truncated(project_id, errors)
+        raise
+    return ChangeEvent(
+        project_id=project_id,
+        version=version,
+        op=op,
+        source=Source.REALTIME,
+        committed_at=_commit_epoch(data.get("commit_timestamp")),
     )

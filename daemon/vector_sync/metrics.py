@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vector_sync.embedder import EmbedStats
+from vector_sync.sources.realtime import RealtimeStatus, State
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
@@ -72,6 +73,9 @@ class Metrics:
         """Export the embedder's own counters (it keeps them without knowing about Prometheus)."""
         self.registry.register(_EmbedStatsCollector(stats))
 
+    def watch_realtime(self, status: RealtimeStatus) -> None:
+        self.registry.register(_RealtimeCollector(status))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -90,3 +94,45 @@ class _EmbedStatsCollector(Collector):
             family = CounterMetricFamily(name, help_text)
             family.add_metric([], value)
             yield family
+
+
+class _RealtimeCollector(Collector):
+    def __init__(self, status: RealtimeStatus) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status
+        state = GaugeMetricFamily(
+            "vector_sync_realtime_state", "1 for the Realtime supervisor's current state", labels=["state"]
+        )
+        for name in State.ALL:
+            state.add_metric([name], 1 if status.state == name else 0)
+        yield state
+        generation = GaugeMetricFamily(
+            "vector_sync_realtime_generation", "Realtime sessions built so far (each is a new client and topic)"
+        )
+        generation.add_metric([], status.generation)
+        yield generation
+        failed = CounterMetricFamily("vector_sync_realtime_sessions_failed", "Realtime sessions that ended unhealthy")
+        failed.add_metric([], status.sessions_failed)
+        yield failed
+        readiness = CounterMetricFamily(
+            "vector_sync_realtime_readiness", "Readiness messages (Subscribed to PostgreSQL) received"
+        )
+        readiness.add_metric([], status.readiness)
+        yield readiness
+        age = status.last_event_age()
+        if age is not None:
+            last = GaugeMetricFamily(
+                "vector_sync_realtime_last_event_age_seconds", "Seconds since the last postgres_changes frame"
+            )
+            last.add_metric([], age)
+            yield last
+        errors = CounterMetricFamily(
+            "vector_sync_realtime_error_events",
+            "postgres_changes error events (413 truncated, 400/401 dropped by the client library)",
+            labels=["code"],
+        )
+        for code in ("413", "400", "401", "other"):
+            errors.add_metric([code], status.error_events.get(code, 0))
+        yield errors

@@ -194,6 +194,12 @@ class Store:
              where t.{ident} > $3::text::{id_type} and {stale}
              order by t.{ident} limit $2
         """
+        self._stale_among = f"""
+            select t.{ident}::text, t.version from unnest($2::text[]) as k(key)
+              join {table} t on t.{ident} = k.key::{id_type}
+              left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+             where {stale}
+        """
         self._status = f"""
             select count(*) as rows,
                    count(e.project_id) as embedded,
@@ -316,6 +322,31 @@ class Store:
         else:
             rows = await self.pool.fetch(self._drift_next, self.model, limit, after)
         return [(ProjectId(row[0]), row[1]) for row in rows]
+
+    async def stale_among(self, ids: Sequence[str]) -> list[tuple[ProjectId, int]]:
+        """Those of `ids` whose vector is missing or behind (ids of deleted rows simply drop out)."""
+        rows = await self.pool.fetch(self._stale_among, self.model, list(ids))
+        return [(ProjectId(row[0]), row[1]) for row in rows]
+
+    async def snapshot_xmin(self) -> int:
+        """Every transaction below this id has finished: its changes are visible from now on."""
+        return int(await self.pool.fetchval("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
+
+    async def changed_since(self, xmin: int, limit: int) -> list[str]:
+        """Ids of rows changed by transactions at or above `xmin` (at most `limit`), from the change log."""
+        rows = await self.pool.fetch(
+            """
+            select distinct project_id from vector_sync.webhook_logs
+             where txid >= $1::text::xid8
+             limit $2
+            """,
+            str(xmin),
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def prune_change_log(self) -> int:
+        return int(await self.pool.fetchval("select vector_sync.prune_webhook_logs()"))
 
     async def status(self) -> Status:
         async with self.pool.acquire() as conn:
