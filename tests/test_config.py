@@ -156,10 +156,23 @@ def test_sources_default_to_realtime_when_supabase_url_is_set() -> None:
     assert s.active_sources == {SourceName.REALTIME}
 
 
-def test_the_realtime_source_is_refused_until_it_exists() -> None:
+def test_the_realtime_source_runs_with_a_url_and_a_key() -> None:
+    s = settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="service-key-1")
+    assert s.active_sources == {SourceName.REALTIME}
+    assert s.safety_interval == 0  # off unless asked for
+    assert s.realtime_ready_timeout == 30
+
+
+def test_the_safety_interval_takes_a_duration() -> None:
+    s = settings(
+        SUPABASE_URL="https://abc.supabase.co",
+        SUPABASE_SERVICE_ROLE_KEY="service-key-1",
+        VECTOR_SYNC_SAFETY_INTERVAL="1m",
+    )
+    assert s.safety_interval == 60
     with pytest.raises(ConfigError) as raised:
-        settings(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="service-key-1")
-    assert any(problem.startswith("VECTOR_SYNC_SOURCES: got 'realtime'") for problem in raised.value.problems)
+        settings(VECTOR_SYNC_SAFETY_INTERVAL="often")
+    assert any(problem.startswith("VECTOR_SYNC_SAFETY_INTERVAL") for problem in raised.value.problems)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +206,6 @@ def test_supabase_key_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", DATABASE_URL)
     monkeypatch.setenv("VECTOR_SYNC_EMBEDDER", "hash")
     monkeypatch.setenv("SUPABASE_URL", "https://abc.supabase.co")
-    monkeypatch.setenv("VECTOR_SYNC_SOURCES", "listen")  # realtime is refused until it exists
     monkeypatch.setenv("SUPABASE_KEY", "alias-key-1")
     s = load_settings()
     assert s.supabase_key is not None and s.supabase_key.get_secret_value() == "alias-key-1"

@@ -199,6 +199,11 @@ class Daemon:
         except OSError as exc:
             raise FatalError(f"cannot listen on {settings.http_host}:{settings.http_port}: {exc}") from exc
         self._catalog = catalog
+        if settings.active_sources == {SourceName.REALTIME} and settings.safety_interval == 0:
+            logger.warning(
+                "realtime is the only source and VECTOR_SYNC_SAFETY_INTERVAL is off: events Realtime drops "
+                "without a trace (its rate limit) wait for the next reconnect; 1m is recommended"
+            )
         logger.info(
             "vector-sync started: table {table}, sources {sources}, embedder {embedder} model {model}",
             table=str(settings.table),

@@ -16,7 +16,7 @@ from loguru import logger
 
 from vector_sync import __version__, logs
 from vector_sync.app import Daemon, FatalError, load_catalog
-from vector_sync.config import ENV_NAMES, ConfigError, Settings, load_settings, mask_dsn
+from vector_sync.config import ENV_NAMES, ConfigError, Settings, SourceName, load_settings, mask_dsn
 from vector_sync.drift import DriftPass
 from vector_sync.embedder import build_embedder
 from vector_sync.events import IdKind
@@ -32,6 +32,8 @@ from vector_sync.migrations import (
 )
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Scheduler
+from vector_sync.sources.realtime import SessionEnded
+from vector_sync.sources.realtime import probe as realtime_probe
 from vector_sync.store import DATABASE_ERRORS, Store
 
 CONNECTION_VARS = ["DATABASE_URL"]
@@ -221,7 +223,21 @@ async def _check(settings: Settings) -> int:
         line(False, "embedding", f"{type(exc).__name__}: {exc}")
     finally:
         await embedder.close()
-    print("skip  realtime     not a configured source")
+    if SourceName.REALTIME in settings.active_sources:
+        assert settings.supabase_url is not None and settings.supabase_key is not None
+        try:
+            took = await realtime_probe(
+                settings.supabase_url,
+                settings.supabase_key.get_secret_value(),
+                schema=settings.table.schema,
+                table=settings.table.name,
+                timeout=settings.realtime_ready_timeout,
+            )
+            line(True, "realtime", f"subscribed to {settings.table} (server ready in {took * 1000:.0f}ms)")
+        except SessionEnded as exc:
+            line(False, "realtime", str(exc))
+    else:
+        print("skip  realtime     not a configured source")
     return 1 if failures else 0
 
 

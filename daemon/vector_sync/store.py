@@ -337,10 +337,10 @@ class Store:
         rows = await self.pool.fetch(
             """
             select distinct project_id from vector_sync.webhook_logs
-             where txid >= $1::text::xid8
+             where txid >= $1
              limit $2
             """,
-            str(xmin),
+            xmin,
             limit,
         )
         return [row[0] for row in rows]

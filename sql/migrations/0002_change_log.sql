@@ -8,17 +8,20 @@
 -- no event brought, with an index instead of comparing the whole table.
 -- txid is the writing transaction: everything below a snapshot's xmin has finished, so "txid at or
 -- above the xmin of the last pass" is every change the last pass could not yet see, whatever
--- the commit order.
+-- the commit order. (Kept as bigint: every xid8 value fits, and it compares with plain parameters.)
+-- It is written on every change of the user's table, so it is kept cheap: a sequential key, a
+-- btree on txid (values grow, so inserts land on the rightmost page) and a BRIN index on
+-- created_at, which only the hourly retention reads.
 create table if not exists vector_sync.webhook_logs (
-  id             uuid primary key default gen_random_uuid(),
+  id             bigint generated always as identity primary key,
   project_id     text not null,
   event_type     text not null check (event_type in ('INSERT', 'UPDATE', 'DELETE')),
   source_version bigint,
-  txid           xid8 not null default pg_current_xact_id(),
+  txid           bigint not null default pg_current_xact_id()::text::bigint,
   created_at     timestamptz not null default now()
 );
 create index if not exists webhook_logs_txid_idx on vector_sync.webhook_logs (txid);
-create index if not exists webhook_logs_created_at_idx on vector_sync.webhook_logs (created_at);
+create index if not exists webhook_logs_created_at_idx on vector_sync.webhook_logs using brin (created_at);
 revoke all on vector_sync.webhook_logs from public;
 
 create or replace function vector_sync.notify_project_change_direct() returns trigger

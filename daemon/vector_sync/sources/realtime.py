@@ -69,6 +69,7 @@ class RealtimeStatus:
     sessions_failed: int = 0
     readiness: int = 0
     last_event_at: float | None = None  # monotonic
+    last_error: str | None = None
     error_events: dict[str, int] = field(default_factory=dict)
 
     def count_error_event(self, kind: str) -> None:
@@ -231,6 +232,7 @@ class RealtimeSource:
             return time.monotonic() - live_since
         except SessionEnded as ended:
             self.status.sessions_failed += 1
+            self.status.last_error = str(ended)
             logger.warning(
                 "realtime: session {generation} ended: {reason}",
                 generation=generation,
@@ -239,6 +241,7 @@ class RealtimeSource:
             return None if live_since is None else time.monotonic() - live_since
         except TimeoutError:
             self.status.sessions_failed += 1
+            self.status.last_error = "join timed out"
             logger.warning("realtime: session {generation} ended: join timed out", generation=generation)
             return None
         finally:
@@ -391,3 +394,53 @@ def _error_kind(errors: object) -> str:
         if f"Error {code}" in text:
             return code
     return "other"
+
+
+class _ProbeSink:
+    """An EventSink that only notices readiness (for `vector-sync check`)."""
+
+    def __init__(self) -> None:
+        self.live = asyncio.Event()
+
+    def offer(self, event: object) -> None:
+        pass
+
+    def malformed(self, source: Source, reason: str) -> None:
+        pass
+
+    def request_drift(self, reason: str) -> None:
+        pass
+
+    def request_recent(self, reason: str) -> None:
+        pass
+
+    def recheck(self, project_id: object, reason: str) -> None:
+        pass
+
+    def source_state(self, source: Source, live: bool) -> None:
+        if live:
+            self.live.set()
+
+
+async def probe(url: str, key: str, *, schema: str, table: str, timeout: float) -> float:
+    """Connect, join and wait for the server's readiness once; seconds it took, or SessionEnded."""
+    sink = _ProbeSink()
+    source = RealtimeSource(
+        url, key, sink, id_kind=IdKind.TEXT, schema=schema, table=table, id_column="id", ready_timeout=timeout
+    )
+    stop = asyncio.Event()
+    started = time.monotonic()
+    session = asyncio.create_task(source._session(1, stop))
+    try:
+        await asyncio.wait(
+            [session, asyncio.ensure_future(sink.live.wait())],
+            timeout=timeout + 20,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        await asyncio.gather(session, return_exceptions=True)
+    if not sink.live.is_set():
+        raise SessionEnded(source.status.last_error or "no readiness")
+    return took
