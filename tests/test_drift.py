@@ -154,9 +154,15 @@ async def test_recheck_and_requests_through_the_running_loop(db: asyncpg.Connect
         await asyncio.wait_for(loop, 10)
 
 
-async def test_the_change_log_is_pruned_by_age(db: asyncpg.Connection, store: Store) -> None:
-    await insert(db, 3)
-    await db.execute("update vector_sync.webhook_logs set created_at = now() - interval '8 days'")
+async def test_the_change_log_is_pruned_by_age_but_not_what_is_still_being_delivered(
+    db: asyncpg.Connection, store: Store
+) -> None:
+    await insert(db, 4)
+    await db.execute("update vector_sync.webhook_logs set created_at = now() - interval '15 days'")
+    await db.execute(
+        "update vector_sync.webhook_logs set status = 'in_flight'"
+        " where id = (select min(id) from vector_sync.webhook_logs)"
+    )
     await insert(db, 2)
-    assert await store.prune_change_log() == 3
-    assert await db.fetchval("select count(*) from vector_sync.webhook_logs") == 2
+    assert await store.prune_change_log() == 3  # 14 days by default (vector_sync.config log_retention)
+    assert await db.fetchval("select count(*) from vector_sync.webhook_logs") == 3

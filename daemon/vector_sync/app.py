@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +22,10 @@ from vector_sync.embedder import Embedder, EmbedStats, build_embedder
 from vector_sync.events import ChangeEvent, ProjectId, Source
 from vector_sync.metrics import Metrics
 from vector_sync.migrations import Catalog, SchemaError, pending_migrations, read_catalog
+from vector_sync.pending import PendingDrain
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Offer, Scheduler
-from vector_sync.sources.listen import ListenSource
+from vector_sync.sources.listen import CHANNEL, PENDING_CHANNEL, ListenSource, PgListener
 from vector_sync.sources.realtime import RealtimeSource, RealtimeStatus
 from vector_sync.sources.webhook import WebhookReceiver
 from vector_sync.store import DATABASE_ERRORS, Store
@@ -63,6 +64,7 @@ class Intake:
     scheduler: Scheduler
     metrics: Metrics
     drift: DriftPass | None = None
+    pending: PendingDrain | None = None
     live: dict[Source, bool] = field(default_factory=dict)
     _malformed_seen: set[tuple[Source, str]] = field(default_factory=set)
 
@@ -106,6 +108,8 @@ class Intake:
             logger.info("source {source} is {state}", source=source.value, state="live" if live else "down")
             if live and source in self.live:
                 self.metrics.reconnects.labels(source.value).inc()
+            if live and source is Source.REALTIME and self.pending is not None:
+                self.pending.request("realtime ready")
         self.live[source] = live
         self.metrics.source_up.labels(source.value).set(1 if live else 0)
 
@@ -123,6 +127,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.pipeline: Pipeline | None = None
         self.drift: DriftPass | None = None
+        self.pending: PendingDrain | None = None
         self.intake: Intake | None = None
         self.http: HttpServer | None = None
         self.webhook: WebhookReceiver | None = None
@@ -169,6 +174,8 @@ class Daemon:
             self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
         )
         self.intake.drift = self.drift
+        self.pending = PendingDrain(self.store, self.intake.offer)
+        self.intake.pending = self.pending
         self.pipeline = Pipeline(
             scheduler=self.scheduler,
             store=self.store,
@@ -213,14 +220,37 @@ class Daemon:
         )
 
     def _spawn(self) -> dict[asyncio.Task[None], str]:
-        assert self.pipeline and self.drift and self.intake and self._catalog and self.settings.database_url
+        assert self.pipeline and self.drift and self.intake and self.pending and self._catalog
+        assert self.settings.database_url
+        pending = self.pending
         jobs: dict[str, Coroutine[Any, Any, None]] = {
             "pipeline": self.pipeline.run(self._stopping),
             "drift": self.drift.run(self._stopping),
+            "pending drain": pending.run(self._stopping),
         }
-        if SourceName.LISTEN in self.settings.active_sources:
-            listen = ListenSource(self.settings.database_url.get_secret_value(), self.intake, self._catalog.id_kind)
-            jobs["listen"] = listen.run(self._stopping)
+        # One LISTEN connection: change notifications when `listen` is a source, and always the
+        # reconciler's word that a change is waiting in pending_webhooks.
+        listen = (
+            ListenSource(self.intake, self._catalog.id_kind)
+            if SourceName.LISTEN in self.settings.active_sources
+            else None
+        )
+        channels: dict[str, Callable[[str], None]] = {PENDING_CHANNEL: lambda _: pending.request("notified")}
+        if listen is not None:
+            channels[CHANNEL] = listen.on_notification
+
+        def connected() -> None:
+            if listen is not None:
+                listen.on_connect()
+            pending.request("listener connected")
+
+        listener = PgListener(
+            self.settings.database_url.get_secret_value(),
+            channels,
+            on_connect=connected,
+            on_disconnect=listen.on_disconnect if listen is not None else lambda: None,
+        )
+        jobs["listen"] = listener.run(self._stopping)
         if SourceName.REALTIME in self.settings.active_sources:
             assert self.settings.supabase_url and self.settings.supabase_key
             realtime = RealtimeSource(

@@ -35,6 +35,7 @@ from vector_sync.scheduler import Scheduler
 from vector_sync.sources.realtime import SessionEnded
 from vector_sync.sources.realtime import probe as realtime_probe
 from vector_sync.store import DATABASE_ERRORS, Store
+from vector_sync.webhook_config import check_target, new_secret, store_webhook_target
 
 CONNECTION_VARS = ["DATABASE_URL"]
 # `reconcile` stops waiting for rows that failed this many times (a stuck database or API).
@@ -326,15 +327,22 @@ async def _status(store: Store, _catalog: Catalog) -> int:
         ("current", status.current),
         ("stale", status.stale),
         ("missing", status.missing),
-        ("pending webhooks", "n/a" if status.pending_webhooks is None else status.pending_webhooks),
+        ("pending webhooks", status.pending_webhooks),
         ("dead letters", status.dead_letters),
         (
             "oldest stale",
             "-" if status.oldest_stale_seconds is None else f"{status.oldest_stale_seconds:.0f}s",
         ),
     ]
+    deliveries = status.deliveries
+    rows += [
+        ("webhooks delivered", deliveries.get("delivered", 0)),
+        ("webhooks retrying", sum(deliveries.get(state, 0) for state in ("pending", "in_flight", "retry_wait"))),
+        ("webhooks exhausted", deliveries.get("exhausted", 0)),
+        ("changes not sent", deliveries.get("unsent", 0)),
+    ]
     for name, value in rows:
-        print(f"{name:<18}{value:>12}")
+        print(f"{name:<20}{value:>12}")
     return 0
 
 
@@ -356,6 +364,36 @@ async def _search(settings: Settings, store: Store, text: str, limit: int) -> in
     if not hits:
         print("no results")
     return 0
+
+
+async def _configure_webhook(settings: Settings, url: str, secret: str) -> int:
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+    try:
+        if await conn.fetchval("select to_regclass('vector_sync.config') is null"):
+            print("vector-sync: run `vector-sync migrate` first", file=sys.stderr)
+            return 1
+        where = await store_webhook_target(conn, url, secret)
+        sender = await conn.fetchval("select vector_sync.pg_net_installed()")
+    finally:
+        await conn.close()
+    place = "Supabase Vault" if where == "vault" else "vector_sync.config (no Vault here)"
+    print(f"stored the webhook URL and signing secret in {place}", file=sys.stderr)
+    if not sender:
+        print("pg_net is not installed: changes are logged but not sent until it is", file=sys.stderr)
+    print("put this in the daemon's environment:", file=sys.stderr)
+    print(f"VECTOR_SYNC_WEBHOOK_SECRET={secret}")
+    return 0
+
+
+def cmd_webhook_configure(args: argparse.Namespace) -> int:
+    settings = _settings(require_embedder=False)
+    secret = args.secret or new_secret()
+    try:
+        check_target(args.url, secret)
+    except ValueError as exc:
+        raise ConfigError([f"--url/--secret: {exc}"]) from None
+    return asyncio.run(_configure_webhook(settings, args.url, secret))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -435,6 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_status,
         CONNECTION_VARS + TABLE_VARS,
     )
+    webhook = commands.add_parser("webhook", help="the database's webhook sender (pg_net)")
+    webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True, metavar="COMMAND")
+    configure = webhook_commands.add_parser(
+        "configure",
+        help="store the URL and signing secret the SQL trigger sends with, and print the secret",
+        description="Store the daemon's /webhook URL and the signing secret where the database's sender reads "
+        "them (Supabase Vault, else vector_sync.config), and print the secret for the daemon's environment.",
+        epilog=_env_help(CONNECTION_VARS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure.add_argument(
+        "--url", required=True, help="the daemon's webhook route, e.g. https://sync.example.com/webhook"
+    )
+    configure.add_argument("--secret", help="a Standard Webhooks secret (whsec_<base64>); a new one when omitted")
+    configure.set_defaults(handler=cmd_webhook_configure)
     search = add(
         "search", "print the projects nearest to TEXT", cmd_search, CONNECTION_VARS + TABLE_VARS + EMBEDDING_VARS
     )

@@ -31,6 +31,7 @@ class Source(StrEnum):
     REALTIME = "realtime"
     WEBHOOK = "webhook"
     LISTEN = "listen"
+    PENDING = "pending"
     DRIFT = "drift"
 
 

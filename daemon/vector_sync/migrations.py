@@ -30,6 +30,13 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(text: str) -> str:
+    """A string constant, safe whatever standard_conforming_strings says (E'' escapes backslashes)."""
+    if "\x00" in text:
+        raise ValueError("string constants cannot contain NUL")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def quote_table(table: TableName) -> str:
     return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
 
@@ -145,6 +152,9 @@ def render(template: str, settings: Settings, catalog: Catalog) -> str:
     column_type, opclass = vector_type(settings.embedding_dimensions, catalog.vector_schema)
     values = {
         "table": quote_table(settings.table),
+        "table_literal": quote_literal(quote_table(settings.table)),
+        "table_name_literal": quote_literal(settings.table.name),
+        "table_schema_literal": quote_literal(settings.table.schema),
         "id_column": quote_ident(settings.id_column),
         "id_type": catalog.id_kind.sql_type,
         "dimensions": str(int(settings.embedding_dimensions)),

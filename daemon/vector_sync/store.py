@@ -89,8 +89,19 @@ class Status:
     stale: int
     missing: int
     dead_letters: int
-    pending_webhooks: int | None
+    pending_webhooks: int
     oldest_stale_seconds: float | None
+    deliveries: dict[str, int]  # webhook_logs by status: delivered, retrying, exhausted, ...
+
+
+@dataclass(frozen=True, slots=True)
+class PendingChange:
+    """A change whose webhook failed every attempt, claimed from pending_webhooks."""
+
+    log_id: int
+    project_id: ProjectId
+    event_type: str
+    version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +210,22 @@ class Store:
               join {table} t on t.{ident} = k.key::{id_type}
               left join vector_sync.project_embeddings e on e.project_id = t.{ident}
              where {stale}
+        """
+        # A claimed change is settled when its row is gone, its vector is at the change's version or
+        # the row's current one, or the row is dead-lettered at its current text.
+        self._resolve_pending = f"""
+            update vector_sync.pending_webhooks p set resolved_at = now()
+             where p.log_id = any($2::bigint[]) and p.resolved_at is null
+               and (not exists (select 1 from {table} t where t.{ident} = p.project_id::{id_type})
+                    or exists (select 1 from {table} t
+                                 join vector_sync.project_embeddings e on e.project_id = t.{ident}
+                                where t.{ident} = p.project_id::{id_type} and e.model = $1
+                                  and (e.version >= t.version or e.version >= p.source_version))
+                    or exists (select 1 from {table} t
+                                 join vector_sync.dead_letters d on d.project_id = t.{ident}
+                                where t.{ident} = p.project_id::{id_type} and d.model = $1
+                                  and d.version >= t.version))
+            returning p.log_id
         """
         self._status = f"""
             select count(*) as rows,
@@ -348,16 +375,41 @@ class Store:
     async def prune_change_log(self) -> int:
         return int(await self.pool.fetchval("select vector_sync.prune_webhook_logs()"))
 
+    async def claim_pending(self, limit: int) -> list[PendingChange]:
+        """Claim open pending changes nobody claimed in the last five minutes (another daemon's
+        claim, or one that crashed)."""
+        rows = await self.pool.fetch(
+            """
+            with claimable as (
+              select log_id from vector_sync.pending_webhooks
+               where resolved_at is null and (claimed_at is null or claimed_at < now() - interval '5 minutes')
+               order by created_at
+               limit $1
+               for update skip locked)
+            update vector_sync.pending_webhooks p set claimed_at = now()
+              from claimable c where p.log_id = c.log_id
+            returning p.log_id, p.project_id, p.event_type, p.source_version
+            """,
+            limit,
+        )
+        return [PendingChange(row[0], ProjectId(row[1]), row[2], row[3]) for row in rows]
+
+    async def resolve_pending(self, log_ids: Sequence[int]) -> list[int]:
+        """Mark settled those of `log_ids` whose change is embedded (or moot); returns them."""
+        rows = await self.pool.fetch(self._resolve_pending, self.model, list(log_ids))
+        return [row[0] for row in rows]
+
     async def status(self) -> Status:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(self._status, self.model)
             dead = await conn.fetchval("select count(*) from vector_sync.dead_letters")
-            pending_table = await conn.fetchval("select to_regclass('vector_sync.pending_webhooks')")
-            pending = (
-                await conn.fetchval("select count(*) from vector_sync.pending_webhooks")
-                if pending_table is not None
-                else None
-            )
+            pending = await conn.fetchval("select count(*) from vector_sync.pending_webhooks where resolved_at is null")
+            deliveries = {
+                status: count
+                for status, count in await conn.fetch(
+                    "select status, count(*) from vector_sync.webhook_logs group by status"
+                )
+            }
         assert row is not None
         return Status(
             rows=row["rows"],
@@ -368,6 +420,7 @@ class Store:
             dead_letters=dead,
             pending_webhooks=pending,
             oldest_stale_seconds=row["oldest"],
+            deliveries=deliveries,
         )
 
     async def search(self, embedding: list[float], limit: int, min_similarity: float = 0.0) -> list[SearchHit]:

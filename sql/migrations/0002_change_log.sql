@@ -1,6 +1,6 @@
 -- vector-sync migration 0002: the change log, and the source table in the Realtime publication.
--- Every placeholder is filled with a quoted identifier or a type from a fixed list; none stands in
--- a comment.
+-- Every placeholder is filled with a quoted identifier, a quoted string constant or a type from a
+-- fixed list; none stands in a comment.
 
 -- One row per committed change of the source table, written by the change trigger in the same
 -- transaction, so a change and its log row commit together or not at all. The webhook sender
@@ -42,13 +42,15 @@ begin
   change := change || jsonb_build_object(
     'committed_at', round(extract(epoch from clock_timestamp())::numeric, 6));
   perform pg_notify('vector_sync', change::text);
-  perform vector_sync.deliver_webhook(change);
   return null;
 end
 $$;
+-- The webhook sender is a statement-level trigger (migration 0003), not a call per row.
+drop function if exists vector_sync.deliver_webhook(jsonb);
 
 -- Retention: the log is needed only until a pass has seen it (seconds to minutes); a week leaves
--- room for audits. Batched so a large backlog never holds locks for long. Returns rows deleted.
+-- room for audits. Deleted in batches of 10,000 so each statement's memory stays small (it is
+-- still one transaction). Returns rows deleted.
 create or replace function vector_sync.prune_webhook_logs(keep interval default interval '7 days')
 returns bigint
 language plpgsql security definer set search_path = '' as $$
@@ -72,21 +74,52 @@ revoke all on function vector_sync.prune_webhook_logs(interval) from public;
 
 -- Realtime sends changes only for tables in the supabase_realtime publication. Plain Postgres has
 -- no such publication: create it (the realtime source needs logical replication there too).
+-- A published table without a usable replica identity refuses every UPDATE and DELETE, so such a
+-- table (a unique id but no primary key) is left out with a notice instead of being broken. A
+-- publication the migrating role may not alter is left alone with a notice too.
 do $$
 declare
   all_tables boolean;
+  identity "char";
+  has_primary_key boolean;
+  column_list boolean := false;
+  publication_exists boolean;
 begin
-  select p.puballtables into all_tables from pg_catalog.pg_publication p where p.pubname = 'supabase_realtime';
-  if not found then
-    create publication supabase_realtime;
-    all_tables := false;
+  select c.relreplident, exists (select 1 from pg_catalog.pg_index i where i.indrelid = c.oid and i.indisprimary)
+    into identity, has_primary_key
+    from pg_catalog.pg_class c where c.oid = pg_catalog.to_regclass({{table_literal}});
+  if identity = 'n' or (identity = 'd' and not has_primary_key) then
+    raise notice 'vector_sync: the source table has no primary key or replica identity; not added to the '
+                 'supabase_realtime publication (the realtime source needs it)';
+    return;
   end if;
-  if not all_tables then
-    begin
+  select p.puballtables into all_tables from pg_catalog.pg_publication p where p.pubname = 'supabase_realtime';
+  publication_exists := found;
+  begin
+    if not publication_exists then
+      create publication supabase_realtime;
+      all_tables := false;
+    end if;
+    if not all_tables then
       alter publication supabase_realtime add table {{table}};
-    exception when duplicate_object then
+    end if;
+  exception
+    when duplicate_object then
       null;  -- already published
-    end;
+    when insufficient_privilege then
+      raise notice 'vector_sync: not allowed to alter publication supabase_realtime; add the table to it yourself';
+      return;
+  end;
+  if pg_catalog.current_setting('server_version_num')::integer >= 150000 then
+    execute 'select exists (select 1 from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication p
+                             on p.oid = r.prpubid
+                            where p.pubname = ''supabase_realtime'' and r.prrelid = $1::regclass
+                              and (r.prattrs is not null or r.prqual is not null))'
+      into column_list using pg_catalog.to_regclass({{table_literal}});
+  end if;
+  if column_list then
+    raise notice 'vector_sync: supabase_realtime publishes the source table with a column list or row filter; '
+                 'events may lack the id or version, or be missing (the drift pass still finds the changes)';
   end if;
 end
 $$;

@@ -1,0 +1,103 @@
+"""Draining `pending_webhooks`: changes whose webhook failed every attempt, handed over by the database.
+
+A drain claims open rows (FOR UPDATE SKIP LOCKED, so two daemons never take the same row), offers
+each change to the scheduler, and marks a row resolved only once the database shows the change
+embedded (or the row deleted, or dead-lettered at its text). Until then it looks again with a
+growing pause; a claim it never settles (a crash) expires after five minutes and is taken again.
+Drains run at start-up, after each Realtime readiness, when the reconciler notifies
+`vector_sync_pending`, and after the LISTEN connection comes back (a notification may have been
+missed). While nothing is pending it runs no queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from vector_sync.aio import backoff, wait_first, wait_or_stop
+from vector_sync.events import ChangeEvent, Op, Source
+from vector_sync.store import DATABASE_ERRORS, PendingChange, Store
+
+CLAIM_BATCH = 500
+# Claimed changes wait for their embedding; checks start at this pause and double up to the cap.
+FIRST_CHECK = 0.5
+CHECK_CAP = 30.0
+# More open claims than this and the drain stops claiming until some are settled.
+MAX_OPEN = 10_000
+
+
+class PendingDrain:
+    def __init__(self, store: Store, offer: Callable[[ChangeEvent], object]) -> None:
+        self._store = store
+        self._offer = offer
+        self._requested = asyncio.Event()
+        self._open: dict[int, PendingChange] = {}
+        self.resolved = 0
+
+    def request(self, reason: str) -> None:
+        logger.debug("pending drain requested: {reason}", reason=reason)
+        self._requested.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        check_in = FIRST_CHECK
+        while not stop.is_set():
+            # Idle: wait for a request. With open claims: also wake up to check on them.
+            await wait_first(self._requested, stop, timeout=check_in if self._open else None)
+            if stop.is_set():
+                return
+            requested = self._requested.is_set()
+            self._requested.clear()
+            try:
+                if requested:
+                    await self._claim_all()
+                settled = await self._settle()
+                failures = 0
+                check_in = FIRST_CHECK if settled or requested else min(CHECK_CAP, check_in * 2)
+            except DATABASE_ERRORS as exc:
+                failures += 1
+                delay = backoff(failures, first=1.0, cap=60.0)
+                logger.warning(
+                    "pending drain failed ({error}); again in {delay:.1f}s", error=type(exc).__name__, delay=delay
+                )
+                self._requested.set()
+                if await wait_or_stop(stop, delay):
+                    return
+
+    async def _claim_all(self) -> None:
+        started = time.monotonic()
+        claimed = 0
+        while len(self._open) < MAX_OPEN:
+            batch = await self._store.claim_pending(min(CLAIM_BATCH, MAX_OPEN - len(self._open)))
+            for change in batch:
+                self._open[change.log_id] = change
+                op = Op(change.event_type) if change.event_type in Op.__members__ else Op.UPDATE
+                # The trigger logs a version for every INSERT and UPDATE; without one there is
+                # nothing to dedupe on, and settling still waits for the row to be current.
+                if change.version is not None or op is Op.DELETE:
+                    self._offer(ChangeEvent(change.project_id, change.version, op, Source.PENDING))
+            claimed += len(batch)
+            if len(batch) < CLAIM_BATCH:
+                break
+        if claimed:
+            logger.info(
+                "claimed {rows} pending webhook changes in {took_ms:.0f}ms",
+                rows=claimed,
+                took_ms=(time.monotonic() - started) * 1000,
+            )
+
+    async def _settle(self) -> int:
+        if not self._open:
+            return 0
+        resolved = await self._store.resolve_pending(list(self._open))
+        for log_id in resolved:
+            self._open.pop(log_id, None)
+        self.resolved += len(resolved)
+        if resolved:
+            logger.info(
+                "resolved {rows} pending webhook changes ({open} still open)", rows=len(resolved), open=len(self._open)
+            )
+        return len(resolved)
