@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import vector_sync.migrations
 from support import DIMENSIONS, PROJECTS_SQL, dsn_for, make_settings, wait_until
 from vector_sync.config import ConfigError, Settings
 from vector_sync.events import IdKind
@@ -174,6 +175,46 @@ async def catalog_snapshot(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in rows]
 
 
+async def log_rows(conn: asyncpg.Connection) -> list[tuple[str, str, int | None, int]]:
+    """The change log as sorted (project_id, event_type, source_version, txid) tuples."""
+    rows = await conn.fetch("select project_id, event_type, source_version, txid from vector_sync.webhook_logs")
+    return sorted((row[0], row[1], row[2], row[3]) for row in rows)
+
+
+async def changed_in_transaction(conn: asyncpg.Connection, sql: str, *args: Any) -> tuple[Any, int]:
+    """Run one statement in a transaction of its own; its result and that transaction's pg_current_xact_id()."""
+    async with conn.transaction():
+        result = await conn.fetchval(sql, *args)
+        txid: int = await conn.fetchval("select pg_current_xact_id()")
+    return result, txid
+
+
+async def published_tables(conn: asyncpg.Connection) -> set[tuple[str, str]]:
+    """(schema, table) of every table the supabase_realtime publication sends."""
+    rows = await conn.fetch(
+        "select schemaname, tablename from pg_publication_tables where pubname = 'supabase_realtime'"
+    )
+    return {(row[0], row[1]) for row in rows}
+
+
+async def publication_state(conn: asyncpg.Connection) -> tuple[Any, ...]:
+    """The supabase_realtime publication's catalog row and its explicit members, with their row versions."""
+    publication = await conn.fetchrow(
+        "select oid, xmin::text, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate "
+        "from pg_publication where pubname = 'supabase_realtime'"
+    )
+    assert publication is not None, "there is no supabase_realtime publication"
+    members = await conn.fetch(
+        "select prrelid::regclass::text, xmin::text from pg_publication_rel where prpubid = $1 order by 1",
+        publication["oid"],
+    )
+    return (tuple(publication), [tuple(member) for member in members])
+
+
+class RolledBack(Exception):
+    """Raised inside `conn.transaction()` to roll it back."""
+
+
 ID_TABLES = {
     "uuid": "create table public.projects (id uuid primary key default gen_random_uuid(), "
     "name text not null, description text)",
@@ -186,20 +227,25 @@ ID_TABLES = {
 # --- applying: once, idempotent, serialised ---------------------------------------------------
 
 
-async def test_migrate_applies_0001_once_and_records_it(fresh: FreshDatabase) -> None:
+async def test_migrate_applies_every_migration_once_and_records_them(fresh: FreshDatabase) -> None:
     dsn = await fresh(PROJECTS_SQL)
     settings = make_settings(dsn)
     async with connect(dsn) as conn:
         done = await migrate(conn, settings)
-        assert [(m.number, m.name) for m in done] == [(1, "core")]
+        assert [(m.number, m.name) for m in done] == [(1, "core"), (2, "change_log"), (3, "webhook_delivery")]
         catalog = await read_catalog(conn, settings)
         expected = [(m.number, m.name, m.checksum) for m in load_migrations(settings, catalog)]
         assert await applied_rows(conn) == expected
-        assert expected[0][:2] == (1, "core")
+        assert [row[:2] for row in expected] == [(1, "core"), (2, "change_log"), (3, "webhook_delivery")]
+        assert [row[2] for row in expected] == [m.checksum for m in done]
         for name in (
             "vector_sync.project_embeddings",
             "vector_sync.dead_letters",
             "vector_sync.schema_migrations",
+            "vector_sync.webhook_logs",
+            "vector_sync.webhook_attempts",
+            "vector_sync.pending_webhooks",
+            "vector_sync.config",
         ):
             assert await table_exists(conn, name), name
         assert await column_type(conn, "public.projects", "version") == "bigint"
@@ -214,13 +260,14 @@ async def test_migrate_applies_0001_once_and_records_it(fresh: FreshDatabase) ->
         }
         assert {"projects_change_trigger", "zz_vector_sync_bump_version"} <= triggers
         assert await conn.fetchval("select to_regprocedure('vector_sync.notify_project_change_direct()') is not null")
+        assert await conn.fetchval("select to_regprocedure('vector_sync.prune_webhook_logs(interval)') is not null")
 
 
 async def test_a_second_migrate_applies_nothing_and_changes_nothing(fresh: FreshDatabase) -> None:
     dsn = await fresh(PROJECTS_SQL)
     settings = make_settings(dsn)
     async with connect(dsn) as conn:
-        assert [m.number for m in await migrate(conn, settings)] == [1]
+        assert [m.number for m in await migrate(conn, settings)] == [1, 2, 3]
         before = await catalog_snapshot(conn)
         assert await migrate(conn, settings) == []
         assert await migrate(conn, settings) == []
@@ -235,15 +282,15 @@ async def test_two_connections_migrating_at_once_both_succeed_and_apply_once(fre
         results = await asyncio.wait_for(
             asyncio.gather(migrate(first, settings), migrate(second, settings)), timeout=90
         )
-        assert sorted(len(done) for done in results) == [0, 1]
-        assert [row[0] for row in await applied_rows(first)] == [1]
+        assert sorted(len(done) for done in results) == [0, 3]
+        assert [row[0] for row in await applied_rows(first)] == [1, 2, 3]
         # The lock was released by both: a third run neither waits nor applies.
         assert await asyncio.wait_for(migrate(first, settings), timeout=30) == []
         assert await first.fetchval(ADVISORY_LOCKS_HERE) == 0
 
 
 async def test_migrate_waits_for_the_advisory_lock(fresh: FreshDatabase) -> None:
-    """Both runs queue behind a held lock and, once it is released, exactly one applies 0001."""
+    """Both runs queue behind a held lock and, once it is released, exactly one applies 0001 and 0002."""
     dsn = await fresh(PROJECTS_SQL)
     settings = make_settings(dsn)
     async with connect(dsn) as holder, connect(dsn) as first, connect(dsn) as second:
@@ -268,8 +315,8 @@ async def test_migrate_waits_for_the_advisory_lock(fresh: FreshDatabase) -> None
         finally:
             await holder.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
         results = await asyncio.wait_for(runs, timeout=90)
-        assert sorted(len(done) for done in results) == [0, 1]
-        assert [row[0] for row in await applied_rows(holder)] == [1]
+        assert sorted(len(done) for done in results) == [0, 3]
+        assert [row[0] for row in await applied_rows(holder)] == [1, 2, 3]
 
 
 async def test_cli_migrate_exits_0_twice_and_1_for_a_missing_table(fresh: FreshDatabase, tmp_path: Path) -> None:
@@ -280,7 +327,7 @@ async def test_cli_migrate_exits_0_twice_and_1_for_a_missing_table(fresh: FreshD
         code, _out, err = await run_cli(["migrate"], env, tmp_path)
         assert code == 0, err
     async with connect(dsn) as conn:
-        assert [row[0] for row in await applied_rows(conn)] == [1]
+        assert [row[0] for row in await applied_rows(conn)] == [1, 2, 3]
     code, _out, err = await run_cli(["migrate"], {**env, "VECTOR_SYNC_TABLE": "public.nothing_here"}, tmp_path)
     assert code == 1, err
     assert "does not exist" in err
@@ -479,6 +526,312 @@ async def test_a_vector_for_a_missing_row_is_refused(db: asyncpg.Connection) -> 
         )
 
 
+# --- the change log (0002) ------------------------------------------------------------------------
+
+
+async def test_each_change_writes_one_log_row_in_the_writers_transaction(db: asyncpg.Connection) -> None:
+    assert await log_rows(db) == []
+    expected: list[tuple[str, str, int | None, int]] = []
+
+    project, txid = await changed_in_transaction(db, "insert into projects (name) values ('A') returning id")
+    expected.append((str(project), "INSERT", 1, txid))
+    assert await log_rows(db) == sorted(expected)
+
+    version, txid = await changed_in_transaction(
+        db, "update projects set stars = 5 where id = $1 returning version", project
+    )
+    assert version == 2
+    expected.append((str(project), "UPDATE", 2, txid))
+    assert await log_rows(db) == sorted(expected)
+
+    other, txid = await changed_in_transaction(db, "insert into projects (name) values ('B') returning id")
+    expected.append((str(other), "INSERT", 1, txid))
+
+    # Two rows in one statement, then one of them again in the same transaction: a log row per row
+    # change, each with the version after it, all with the transaction's id; there before the commit.
+    async with db.transaction():
+        await db.execute("update projects set name = name || '!'")
+        await db.execute("update projects set stars = 6 where id = $1", project)
+        txid = await db.fetchval("select pg_current_xact_id()")
+        assert sorted(row[:3] for row in await log_rows(db) if row[3] == txid) == sorted(
+            [(str(project), "UPDATE", 3), (str(other), "UPDATE", 2), (str(project), "UPDATE", 4)]
+        )
+    expected += [(str(project), "UPDATE", 3, txid), (str(other), "UPDATE", 2, txid), (str(project), "UPDATE", 4, txid)]
+    assert await log_rows(db) == sorted(expected)
+
+    # A DELETE is logged with the version the row had.
+    version, txid = await changed_in_transaction(db, "delete from projects where id = $1 returning version", project)
+    assert version == 4
+    expected.append((str(project), "DELETE", 4, txid))
+    assert await log_rows(db) == sorted(expected)
+    assert await db.fetchval("select count(distinct id) from vector_sync.webhook_logs") == len(expected)
+
+
+async def test_a_noop_update_or_a_rolled_back_change_writes_no_log_row(db: asyncpg.Connection) -> None:
+    project, _ = await changed_in_transaction(
+        db, "insert into projects (name, description) values ('A', 'a') returning id"
+    )
+    before = await log_rows(db)
+    assert len(before) == 1
+
+    await db.execute("update projects set name = 'A', description = 'a', stars = stars where id = $1", project)
+    await db.execute("update projects set version = 99 where id = $1", project)  # ignored: a no-op too
+    assert await version_of(db, project) == 1
+    assert await log_rows(db) == before
+
+    with pytest.raises(RolledBack):
+        async with db.transaction():
+            await db.execute("insert into projects (name) values ('B')")
+            await db.execute("update projects set stars = 1 where id = $1", project)
+            await db.execute("delete from projects where id = $1", project)
+            assert len(await log_rows(db)) == len(before) + 3
+            raise RolledBack
+    assert await log_rows(db) == before
+
+    # A rolled-back savepoint takes its log row with it; a change kept inside a savepoint is logged
+    # with the top-level transaction's id (what snapshots' xmin is compared with), not the subtransaction's.
+    async with db.transaction():
+        txid = await db.fetchval("select pg_current_xact_id()")
+        with pytest.raises(RolledBack):
+            async with db.transaction():
+                await db.execute("update projects set stars = 1 where id = $1", project)
+                raise RolledBack
+        async with db.transaction():
+            await db.execute("update projects set stars = 2 where id = $1", project)
+    assert await log_rows(db) == sorted([*before, (str(project), "UPDATE", 2, txid)])
+
+
+@pytest.mark.parametrize("id_type", ["uuid", "bigint", "text"])
+async def test_the_change_log_records_each_id_type_in_its_text_form(fresh: FreshDatabase, id_type: str) -> None:
+    dsn = await fresh(ID_TABLES[id_type])
+    settings = make_settings(dsn)
+    async with connect(dsn) as conn:
+        await migrate(conn, settings)
+        assert await column_type(conn, "vector_sync.webhook_logs", "project_id") == "text"
+        if id_type == "text":
+            insert = "insert into projects (id, name) values ('proj-ü \"1\"', 'Alpha') returning id"
+        elif id_type == "bigint":  # beyond 2^53: the id must not pass through a double on its way
+            insert = f"insert into projects (id, name) values ({2**53 + 1}, 'Alpha') returning id"
+        else:
+            insert = "insert into projects (name) values ('Alpha') returning id"
+        project, inserted = await changed_in_transaction(conn, insert)
+        version, updated = await changed_in_transaction(
+            conn, "update projects set name = 'Beta' where id = $1 returning version", project
+        )
+        assert version == 2
+        await conn.execute("update projects set name = name, description = description where id = $1", project)
+        version, deleted = await changed_in_transaction(
+            conn, "delete from projects where id = $1 returning version", project
+        )
+        assert version == 2
+        text = str(project)
+        assert text == await conn.fetchval(f"select $1::{id_type}::text", project)
+        assert await log_rows(conn) == sorted(
+            [(text, "INSERT", 1, inserted), (text, "UPDATE", 2, updated), (text, "DELETE", 2, deleted)]
+        )
+        # The text form casts back to the id.
+        assert (
+            await conn.fetchval(
+                f"select count(*) from vector_sync.webhook_logs where project_id::{id_type} = $1", project
+            )
+            == 3
+        )
+
+
+async def test_prune_webhook_logs_deletes_only_rows_older_than_keep_and_counts_them(db: asyncpg.Connection) -> None:
+    # More old rows than one batch of the function's delete loop.
+    await db.execute("insert into projects (name) select 'old ' || n from generate_series(1, 10005) n")
+    await db.execute("update vector_sync.webhook_logs set created_at = now() - interval '15 days'")
+    await db.execute("insert into projects (name) select 'week ' || n from generate_series(1, 3) n")
+    await db.execute(
+        "update vector_sync.webhook_logs set created_at = now() - interval '2 days' "
+        "where created_at > now() - interval '1 day'"
+    )
+    await db.execute("insert into projects (name) select 'new ' || n from generate_series(1, 2) n")
+    ages = {
+        row[0]: row[1]
+        for row in await db.fetch(
+            "select date_trunc('day', now() - created_at)::text, count(*) from vector_sync.webhook_logs group by 1"
+        )
+    }
+    assert ages == {"15 days": 10005, "2 days": 3, "00:00:00": 2}
+    young = await db.fetch("select id from vector_sync.webhook_logs where created_at > now() - interval '3 days'")
+
+    assert await db.fetchval("select vector_sync.prune_webhook_logs()") == 10005
+    assert {row[0] for row in await db.fetch("select id from vector_sync.webhook_logs")} == {row[0] for row in young}
+    assert await db.fetchval("select vector_sync.prune_webhook_logs()") == 0
+    assert await db.fetchval("select vector_sync.prune_webhook_logs(interval '1 day')") == 3
+    assert await db.fetchval("select count(*) from vector_sync.webhook_logs") == 2
+    assert await db.fetchval("select vector_sync.prune_webhook_logs(interval '1 day')") == 0
+
+    # "Older than": a row exactly `keep` old stays (now() is fixed within a transaction).
+    async with db.transaction():
+        await db.execute(
+            "update vector_sync.webhook_logs set created_at = now() - interval '1 hour' "
+            "where id = (select id from vector_sync.webhook_logs limit 1)"
+        )
+        assert await db.fetchval("select vector_sync.prune_webhook_logs(interval '1 hour')") == 0
+        assert await db.fetchval("select vector_sync.prune_webhook_logs(interval '59 minutes')") == 1
+    assert await db.fetchval("select count(*) from vector_sync.webhook_logs") == 1
+
+
+async def test_upgrading_a_0001_database_applies_the_later_ones_and_logs_from_then_on(
+    fresh: FreshDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = await fresh(PROJECTS_SQL)
+    settings = make_settings(dsn)
+    every_migration = vector_sync.migrations.load_migrations
+    async with connect(dsn) as conn:
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                vector_sync.migrations,
+                "load_migrations",
+                lambda settings, catalog: [m for m in every_migration(settings, catalog) if m.number == 1],
+            )
+            assert [m.number for m in await migrate(conn, settings)] == [1]
+        assert not await table_exists(conn, "vector_sync.webhook_logs")
+        project = await conn.fetchval("insert into projects (name) values ('before') returning id")
+        await conn.execute("update projects set stars = 1 where id = $1", project)
+
+        assert [(m.number, m.name) for m in await migrate(conn, settings)] == [
+            (2, "change_log"),
+            (3, "webhook_delivery"),
+        ]
+        catalog = await read_catalog(conn, settings)
+        assert await applied_rows(conn) == [(m.number, m.name, m.checksum) for m in load_migrations(settings, catalog)]
+        assert await log_rows(conn) == []  # changes from before the log are not invented
+        assert await published_tables(conn) == {("public", "projects")}
+        version, txid = await changed_in_transaction(
+            conn, "update projects set stars = 2 where id = $1 returning version", project
+        )
+        assert version == 3
+        assert await log_rows(conn) == [(str(project), "UPDATE", 3, txid)]
+        assert await migrate(conn, settings) == []
+
+
+async def test_a_table_with_a_unique_id_but_no_primary_key_still_takes_updates_and_deletes(
+    fresh: FreshDatabase,
+) -> None:
+    dsn = await fresh(
+        "create table public.projects (id bigint generated by default as identity unique not null, "
+        "name text not null, description text)"
+    )
+    async with connect(dsn) as conn:
+        assert [m.number for m in await migrate(conn, make_settings(dsn))] == [1, 2, 3]
+        project = await conn.fetchval("insert into projects (name) values ('A') returning id")
+        await conn.execute("update projects set name = 'B' where id = $1", project)
+        await conn.execute("delete from projects where id = $1", project)
+        assert [row[1] for row in await log_rows(conn)] == ["DELETE", "INSERT", "UPDATE"]
+
+
+# Migration 0002 only registers the job with pg_cron; the embedded server has no pg_cron, so a stand-in
+# `cron.schedule` records the call and the extension is entered in pg_extension by hand.
+FAKE_PG_CRON = """
+create schema cron;
+create table cron.job (jobname text primary key, schedule text, command text);
+-- Like pg_cron: scheduling an existing name replaces that job.
+create function cron.schedule(job_name text, schedule text, command text) returns bigint
+language sql as $$
+  insert into cron.job values (job_name, schedule, command)
+  on conflict (jobname) do update set schedule = excluded.schedule, command = excluded.command
+  returning 1::bigint
+$$;
+insert into pg_catalog.pg_extension (oid, extname, extowner, extnamespace, extrelocatable, extversion)
+values ((select max(oid::bigint) + 1 from pg_catalog.pg_extension)::oid, 'pg_cron',
+        (select oid from pg_catalog.pg_roles where rolname = current_user), 'cron'::regnamespace, false, '1.6');
+"""
+
+
+async def test_with_pg_cron_migrate_schedules_the_pruning(fresh: FreshDatabase) -> None:
+    dsn = await fresh(FAKE_PG_CRON + PROJECTS_SQL)
+    async with connect(dsn) as conn:
+        await migrate(conn, make_settings(dsn))
+        jobs = {row[0]: (row[1], row[2]) for row in await conn.fetch("select jobname, schedule, command from cron.job")}
+        assert set(jobs) == {
+            "vector-sync-prune-webhook-logs",
+            "vector-sync-reconcile-webhooks",
+            "vector-sync-prune-cron-history",
+        }
+        assert jobs["vector-sync-prune-webhook-logs"] == ("17 * * * *", "select vector_sync.prune_webhook_logs()")
+        # pg_cron 1.5 and later run the reconciler every 10 seconds.
+        assert jobs["vector-sync-reconcile-webhooks"] == ("10 seconds", "select vector_sync.reconcile_webhooks()")
+        # The scheduled commands run: the pruning prunes, the reconciler says pg_net is missing.
+        await conn.execute("insert into projects (name) values ('A')")
+        await conn.execute("update vector_sync.webhook_logs set created_at = now() - interval '15 days'")
+        await conn.execute(jobs["vector-sync-prune-webhook-logs"][1])
+        assert await conn.fetchval("select count(*) from vector_sync.webhook_logs") == 0
+        assert "pg_net" in await conn.fetchval(jobs["vector-sync-reconcile-webhooks"][1])
+
+
+async def test_an_old_pg_cron_runs_the_reconciler_every_minute(fresh: FreshDatabase) -> None:
+    dsn = await fresh(FAKE_PG_CRON.replace("'1.6'", "'1.4'") + PROJECTS_SQL)
+    async with connect(dsn) as conn:
+        await migrate(conn, make_settings(dsn))
+        schedule = await conn.fetchval("select schedule from cron.job where jobname = 'vector-sync-reconcile-webhooks'")
+        assert schedule == "* * * * *"
+
+
+async def test_without_pg_cron_migrate_says_the_pruning_is_not_scheduled(fresh: FreshDatabase) -> None:
+    dsn = await fresh(PROJECTS_SQL)
+    notices: list[asyncpg.PostgresLogMessage] = []
+    async with connect(dsn) as conn:
+        assert not await conn.fetchval("select exists (select 1 from pg_extension where extname = 'pg_cron')")
+        conn.add_log_listener(lambda _conn, message: notices.append(message))
+        await migrate(conn, make_settings(dsn))
+        await wait_until(
+            lambda: any("prune_webhook_logs() is not scheduled" in notice.message for notice in notices),
+            what="the notice that pg_cron is missing",
+        )
+        assert not await conn.fetchval("select exists (select 1 from pg_namespace where nspname = 'cron')")
+
+
+# --- the Realtime publication ------------------------------------------------------------------------
+
+
+async def test_migrate_creates_the_publication_with_the_table(fresh: FreshDatabase) -> None:
+    dsn = await fresh(PROJECTS_SQL)
+    async with connect(dsn) as conn:
+        assert await conn.fetchval("select count(*) from pg_publication") == 0
+        await migrate(conn, make_settings(dsn))
+        assert await published_tables(conn) == {("public", "projects")}
+        (_oid, _xmin, all_tables, *publishes), _members = await publication_state(conn)
+        assert not all_tables
+        assert publishes == [True, True, True, True]  # insert, update, delete, truncate
+
+
+async def test_migrate_adds_the_table_to_an_existing_publication_and_keeps_its_tables(fresh: FreshDatabase) -> None:
+    dsn = await fresh(
+        PROJECTS_SQL + "; create table public.other (id int primary key); "
+        "create publication supabase_realtime for table public.other"
+    )
+    async with connect(dsn) as conn:
+        (before, _members) = await publication_state(conn)
+        await migrate(conn, make_settings(dsn))
+        assert await published_tables(conn) == {("public", "other"), ("public", "projects")}
+        (after, _members) = await publication_state(conn)
+        assert after == before  # the same publication, not dropped and created again
+
+
+async def test_migrate_leaves_a_for_all_tables_publication_alone(fresh: FreshDatabase) -> None:
+    dsn = await fresh(PROJECTS_SQL + "; create publication supabase_realtime for all tables")
+    async with connect(dsn) as conn:
+        before = await publication_state(conn)
+        assert before[1] == []
+        assert [m.number for m in await migrate(conn, make_settings(dsn))] == [1, 2, 3]
+        assert await publication_state(conn) == before
+        assert ("public", "projects") in await published_tables(conn)
+
+
+async def test_migrate_accepts_a_table_already_in_the_publication(fresh: FreshDatabase) -> None:
+    dsn = await fresh(PROJECTS_SQL + "; create publication supabase_realtime for table public.projects")
+    async with connect(dsn) as conn:
+        before = await publication_state(conn)
+        assert before[1] == [("projects", before[1][0][1])]
+        assert [m.number for m in await migrate(conn, make_settings(dsn))] == [1, 2, 3]
+        assert await publication_state(conn) == before
+        assert await published_tables(conn) == {("public", "projects")}
+
+
 # --- the vector column and its index ---------------------------------------------------------------
 
 
@@ -538,7 +891,7 @@ async def test_pgvector_in_the_extensions_schema(fresh: FreshDatabase) -> None:
     dsn = await fresh(SUPABASE_SETUP)
     settings = make_settings(dsn)
     async with connect(dsn) as conn:
-        assert [m.number for m in await migrate(conn, settings)] == [1]
+        assert [m.number for m in await migrate(conn, settings)] == [1, 2, 3]
         assert (
             await conn.fetchval(
                 "select n.nspname from pg_extension e join pg_namespace n on n.oid = e.extnamespace "
@@ -604,7 +957,9 @@ def ident(name: str) -> str:
 
 
 def outside_double_quotes(sql: str) -> str:
-    return re.sub(r'"(?:[^"]|"")*"', " ", sql)
+    """The SQL without quoted identifiers and without the E'' string constants names are rendered as."""
+    without_names = re.sub(r'"(?:[^"]|"")*"', " ", sql)
+    return re.sub(r"E'(?:[^'\\]|''|\\.)*'", " ", without_names)
 
 
 def hostile_settings(dsn: str) -> Settings:
@@ -643,7 +998,8 @@ async def test_hostile_names_are_quoted(fresh: FreshDatabase) -> None:
         assert fragment not in bare, f"{fragment!r} appears outside quotes in the rendered SQL"
 
     async with connect(dsn) as conn:
-        assert [m.number for m in await migrate(conn, settings)] == [1]
+        assert [m.number for m in await migrate(conn, settings)] == [1, 2, 3]
+        assert await published_tables(conn) == {(HOSTILE_SCHEMA, HOSTILE_TABLE)}
         assert await table_exists(conn, "public.x")
         assert await table_exists(conn, f"{ident(HOSTILE_SCHEMA)}.x")
         assert await column_type(conn, table, "version") == "bigint"
@@ -657,6 +1013,7 @@ async def test_hostile_names_are_quoted(fresh: FreshDatabase) -> None:
             await conn.execute(f"update {table} set {ident(HOSTILE_CONTENT[1])} = 'B'")
             change = await listener.next()
             assert (change["type"], change["id"], change["version"]) == ("UPDATE", project, 2)
+        assert [row[:3] for row in await log_rows(conn)] == [(str(project), "INSERT", 1), (str(project), "UPDATE", 2)]
         await conn.execute(
             "insert into vector_sync.project_embeddings (project_id, version, content_sha256, model, embedding) "
             "values ($1, 2, 'sha', 'model', $2)",
@@ -802,6 +1159,46 @@ async def test_match_projects_is_not_executable_by_public(db: asyncpg.Connection
         await db.execute(f"drop role {role}")
 
 
+async def test_the_change_log_is_closed_to_public_and_to_a_role_with_usage_on_vector_sync(
+    db: asyncpg.Connection,
+) -> None:
+    role = f"peer_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"create role {role} nologin; grant usage on schema vector_sync to {role}")
+    try:
+        for grantee in ("public", role):
+            for privilege in ("select", "insert", "update", "delete", "truncate", "references", "trigger"):
+                assert not await db.fetchval(
+                    "select has_table_privilege($1, 'vector_sync.webhook_logs', $2)", grantee, privilege
+                ), f"{grantee} has {privilege} on vector_sync.webhook_logs"
+            assert not await db.fetchval(
+                "select has_function_privilege($1, 'vector_sync.prune_webhook_logs(interval)', 'execute')", grantee
+            ), f"{grantee} may execute vector_sync.prune_webhook_logs"
+        await db.execute(f"set role {role}")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.fetch("select * from vector_sync.webhook_logs")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.fetchval("select vector_sync.prune_webhook_logs()")
+    finally:
+        await db.execute(f"reset role; drop owned by {role}; drop role {role}")
+
+
+async def test_a_writer_with_no_rights_in_vector_sync_still_gets_its_changes_logged(db: asyncpg.Connection) -> None:
+    role = f"writer_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"create role {role} nologin; grant select, insert, update, delete on public.projects to {role}")
+    try:
+        await db.execute(f"set role {role}")
+        project, inserted = await changed_in_transaction(db, "insert into projects (name) values ('A') returning id")
+        _, updated = await changed_in_transaction(db, "update projects set stars = 3 where id = $1", project)
+        _, deleted = await changed_in_transaction(db, "delete from projects where id = $1", project)
+        await db.execute("reset role")
+        text = str(project)
+        assert await log_rows(db) == sorted(
+            [(text, "INSERT", 1, inserted), (text, "UPDATE", 2, updated), (text, "DELETE", 2, deleted)]
+        )
+    finally:
+        await db.execute(f"reset role; drop owned by {role}; drop role {role}")
+
+
 async def ensure_role(conn: asyncpg.Connection, role: str) -> None:
     await conn.execute(
         f"""
@@ -828,11 +1225,17 @@ async def test_anon_and_authenticated_get_nothing_in_vector_sync(fresh: FreshDat
                 "select format('%I.%I', schemaname, tablename) as name from pg_tables where schemaname = 'vector_sync'"
             )
         ]
-        assert {"vector_sync.project_embeddings", "vector_sync.dead_letters", "vector_sync.schema_migrations"} <= set(
-            tables
-        )
+        assert {
+            "vector_sync.project_embeddings",
+            "vector_sync.dead_letters",
+            "vector_sync.schema_migrations",
+            "vector_sync.webhook_logs",
+        } <= set(tables)
         for role in ("anon", "authenticated"):
             assert not await conn.fetchval("select has_schema_privilege($1, 'vector_sync', 'usage')", role)
+            assert not await conn.fetchval(
+                "select has_function_privilege($1, 'vector_sync.prune_webhook_logs(interval)', 'execute')", role
+            )
             for table in tables:
                 for privilege in ("select", "insert", "update", "delete", "truncate", "references", "trigger"):
                     assert not await conn.fetchval("select has_table_privilege($1, $2, $3)", role, table, privilege), (

@@ -162,6 +162,8 @@ class Daemon:
         self.metrics.watch_embedder(self.embed_stats)
         if SourceName.REALTIME in settings.active_sources:
             self.metrics.watch_realtime(self.realtime_status)
+        for source in settings.active_sources:
+            self.metrics.source_up.labels(source.value).set(0)  # present (and 0) before the first report
         self.scheduler = Scheduler(
             insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
         )

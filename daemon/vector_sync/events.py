@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NewType
 
@@ -199,9 +199,11 @@ def _commit_epoch(raw: object) -> float | None:
     if not isinstance(raw, str):
         return None
     try:
-        return datetime.fromisoformat(raw).timestamp()
+        moment = datetime.fromisoformat(raw)
     except ValueError:
         return None
+    # Realtime sends UTC with a "Z"; a time without an offset is read as UTC too, not local time.
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def parse_realtime(data: object, *, kind: IdKind, table: str, schema: str, id_column: str) -> ChangeEvent | Truncated:

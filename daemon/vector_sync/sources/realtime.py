@@ -114,8 +114,11 @@ class _LibraryFrames(logging.Handler):
             if text.startswith(_UNRECOGNIZED):
                 frame = _frame_from_log(text)
                 route = self.routes.get(str(frame.get("topic"))) if frame is not None else None
-                if frame is not None and route is not None:
-                    route(frame)
+                if route is None and len(self.routes) == 1:
+                    # No usable topic (not JSON, not an object): it can only be our one session's.
+                    route = next(iter(self.routes.values()))
+                if route is not None:
+                    route(frame if frame is not None else {})
                     return
             logger.debug("realtime library: {message}", message=text.splitlines()[0][:500])
         except Exception:  # a log handler must never raise into the library's receive task
@@ -289,7 +292,7 @@ class RealtimeSource:
         if truncated.project_id is not None:
             self._sink.recheck(truncated.project_id, "realtime event without a version")
         else:
-            self._sink.request_drift("realtime event without an id")
+            self._sink.request_recent("realtime event without an id")
 
     def _on_system(self, message: Any, trouble: _Trouble, ready: asyncio.Event) -> None:
         try:
@@ -329,13 +332,19 @@ class RealtimeSource:
                 # 400/401 error events carry no row: only the database can say what changed.
                 self.status.count_error_event(_error_kind(errors))
                 self.status.last_event_at = time.monotonic()
-                logger.warning("realtime: error event without a row ({errors}); asking for a drift pass", errors=errors)
-                self._sink.request_drift("realtime error event")
+                logger.warning(
+                    "realtime: error event without a row ({errors}); checking the rows changed since the last pass",
+                    errors=errors,
+                )
+                self._sink.request_recent("realtime error event")
                 return
         if event == "system" and isinstance(payload, dict) and payload.get("message") == "Server requested disconnect":
             logger.info("realtime: server requested disconnect")
             return
-        self._sink.malformed(Source.REALTIME, f"unrecognized {str(event)[:40]} frame")
+        if not isinstance(event, str):
+            self._sink.malformed(Source.REALTIME, "frame that is not a Phoenix message")
+            return
+        self._sink.malformed(Source.REALTIME, f"unrecognized {event[:40]} frame")
 
     # ---------------------------------------------------------------- health
 
