@@ -14,7 +14,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from embedding_api import EmbeddingAPI, Fault
-from support import API_KEY, DIMENSIONS, WEBHOOK_SECRET, all_current, wait_until
+from realtime_server import RealtimeServer
+from support import API_KEY, DIMENSIONS, REALTIME_API_KEY, WEBHOOK_SECRET, all_current, wait_until
 
 
 def base_env(**values: str) -> dict[str, str]:
@@ -207,3 +208,107 @@ async def test_reconcile_gives_up_when_embedding_is_paused(db: asyncpg.Connectio
     assert code == 1
     assert "some remain: embedding is paused" in out
     assert api.request_count == 1
+
+
+# A stand-in with Supabase Vault's SQL surface: create_secret, update_secret, decrypted_secrets.
+VAULT_STAND_IN = """
+create schema vault;
+create table vault.secrets (
+  id uuid primary key default gen_random_uuid(), name text unique, secret text, description text);
+create function vault.create_secret(new_secret text, new_name text default null, new_description text default '')
+returns uuid language sql as $$
+  insert into vault.secrets (name, secret, description) values (new_name, new_secret, new_description) returning id
+$$;
+create function vault.update_secret(secret_id uuid, new_secret text default null, new_name text default null,
+                                    new_description text default null)
+returns void language sql as $$
+  update vault.secrets set secret = coalesce(new_secret, secret) where id = secret_id
+$$;
+create view vault.decrypted_secrets as select id, name, secret as decrypted_secret from vault.secrets;
+"""
+
+
+async def test_webhook_configure_stores_url_and_secret_where_the_trigger_reads_them(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    env = base_env(DATABASE_URL=dsn)
+    code, out, err = await vector_sync("webhook", "configure", "--url", "https://sync.example.com/webhook", env=env)
+    assert code == 0, err
+    printed = out.strip()
+    assert printed.startswith("VECTOR_SYNC_WEBHOOK_SECRET=whsec_")
+    secret = printed.split("=", 1)[1]
+    assert "vector_sync.config" in err and "pg_net is not installed" in err
+    assert (
+        await db.fetchval("select vector_sync.secret('vector_sync_webhook_url')") == "https://sync.example.com/webhook"
+    )
+    assert await db.fetchval("select vector_sync.secret('vector_sync_webhook_secret')") == secret
+    # Again with a given secret: replaced, not duplicated.
+    code, out, err = await vector_sync(
+        "webhook", "configure", "--url", "http://10.0.0.5:8080/webhook", "--secret", WEBHOOK_SECRET, env=env
+    )
+    assert code == 0, err
+    assert out.strip() == f"VECTOR_SYNC_WEBHOOK_SECRET={WEBHOOK_SECRET}"
+    assert await db.fetchval("select vector_sync.secret('vector_sync_webhook_secret')") == WEBHOOK_SECRET
+    assert await db.fetchval("select count(*) from vector_sync.config where key like 'secret:%'") == 2
+    # Bad input is a configuration error; nothing is stored.
+    code, _, err = await vector_sync("webhook", "configure", "--url", "ftp://x/webhook", env=env)
+    assert code == 2 and "http(s) URL" in err
+    code, _, err = await vector_sync("webhook", "configure", "--url", "https://x/webhook", "--secret", "nope", env=env)
+    assert code == 2 and "whsec_" in err
+    assert await db.fetchval("select vector_sync.secret('vector_sync_webhook_url')") == "http://10.0.0.5:8080/webhook"
+
+
+async def test_webhook_configure_uses_vault_when_it_is_installed(db: asyncpg.Connection, dsn: str) -> None:
+    await db.execute(VAULT_STAND_IN)
+    await db.execute("insert into vector_sync.config values ('secret:vector_sync_webhook_url', 'http://stale/webhook')")
+    env = base_env(DATABASE_URL=dsn)
+    for url in ("https://one.example.com/webhook", "https://two.example.com/webhook"):
+        code, out, err = await vector_sync("webhook", "configure", "--url", url, env=env)
+        assert code == 0, err
+        assert "Supabase Vault" in err
+    rows = {row[0]: row[1] for row in await db.fetch("select name, secret from vault.secrets")}
+    assert rows["vector_sync_webhook_url"] == "https://two.example.com/webhook"
+    assert rows["vector_sync_webhook_secret"] == out.strip().split("=", 1)[1]
+    assert await db.fetchval("select count(*) from vector_sync.config where key like 'secret:%'") == 0
+    assert (
+        await db.fetchval("select vector_sync.secret('vector_sync_webhook_url')") == "https://two.example.com/webhook"
+    )
+
+
+async def test_status_counts_webhook_deliveries(db: asyncpg.Connection, dsn: str) -> None:
+    await db.execute("insert into projects (name) select 'p' || n from generate_series(1, 6) n")
+    await db.execute(
+        """
+        update vector_sync.webhook_logs set status = case
+          when id <= 2 then 'delivered' when id = 3 then 'retry_wait' when id = 4 then 'in_flight'
+          when id = 5 then 'exhausted' else status end
+        """
+    )
+    await db.execute(
+        "insert into vector_sync.pending_webhooks (log_id, project_id, event_type, source_version, attempts)"
+        " select id, project_id, event_type, source_version, 4 from vector_sync.webhook_logs where id = 5"
+    )
+    code, out, err = await vector_sync("status", env=base_env(DATABASE_URL=dsn))
+    assert code == 0, err
+    counts = {line.rsplit(None, 1)[0]: line.rsplit(None, 1)[1] for line in out.splitlines()}
+    assert counts["pending webhooks"] == "1"
+    assert counts["webhooks delivered"] == "2"
+    assert counts["webhooks retrying"] == "2"
+    assert counts["webhooks exhausted"] == "1"
+    assert counts["changes not sent"] == "1"
+
+
+async def test_check_subscribes_to_realtime(live_dsn: str, live_server: RealtimeServer, api: EmbeddingAPI) -> None:
+    env = daemon_env(
+        live_dsn,
+        api,
+        VECTOR_SYNC_SOURCES="realtime",
+        SUPABASE_URL=live_server.url,
+        SUPABASE_SERVICE_ROLE_KEY=REALTIME_API_KEY,
+    )
+    code, out, err = await vector_sync("check", env=env)
+    assert code == 0, out + err
+    assert any(line.startswith("ok") and "realtime" in line and "subscribed" in line for line in out.splitlines())
+    code, out, _ = await vector_sync("check", env={**env, "SUPABASE_SERVICE_ROLE_KEY": "wrong-key"})
+    assert code == 1
+    assert any(line.startswith("FAIL") and "realtime" in line for line in out.splitlines())
