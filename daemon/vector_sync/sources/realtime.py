@@ -252,7 +252,7 @@ class RealtimeSource:
             _library_frames.routes.pop(topic, None)
             if ping is not None:
                 ping.cancel()
-            await self._close(client)
+            await self._close(client, half_open=trouble.reason.startswith("no pong"))
 
     def _channel(
         self, client: AsyncRealtimeClient, sub_topic: str, trouble: _Trouble, ready: asyncio.Event
@@ -375,14 +375,18 @@ class RealtimeSource:
                 async with asyncio.timeout(PING_TIMEOUT):
                     await pong
             except TimeoutError:
-                trouble.set(f"no pong within {PING_TIMEOUT:.0f}s (half-open link?)")
+                trouble.set(f"no pong within {PING_TIMEOUT:.0f}s (a half-open link?)")
                 return
             except Exception as exc:
                 trouble.set(f"ping failed: {type(exc).__name__}")
                 return
 
-    async def _close(self, client: AsyncRealtimeClient) -> None:
+    async def _close(self, client: AsyncRealtimeClient, *, half_open: bool) -> None:
         listen = client._listen_task
+        connection = client._ws_connection
+        if half_open and connection is not None:
+            # A closing handshake over a dead link only ends in the close timeout: drop the socket.
+            connection.transport.abort()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await client.close()
