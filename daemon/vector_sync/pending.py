@@ -5,8 +5,9 @@ each change to the scheduler, and marks a row resolved only once the database sh
 embedded (or the row deleted, or dead-lettered at its text). Until then it looks again with a
 growing pause; a claim it never settles (a crash) expires after five minutes and is taken again.
 Drains run at start-up, after each Realtime readiness, when the reconciler notifies
-`vector_sync_pending`, and after the LISTEN connection comes back (a notification may have been
-missed). While nothing is pending it runs no queries.
+`vector_sync_pending`, after the LISTEN connection comes back (a notification may have been
+missed), and when a claim another daemon left behind expires. While nothing is pending it runs no
+queries.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PendingDrain:
         self._offer = offer
         self._requested = asyncio.Event()
         self._open: dict[int, PendingChange] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self.resolved = 0
 
     def request(self, reason: str) -> None:
@@ -42,6 +44,13 @@ class PendingDrain:
         self._requested.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         failures = 0
         check_in = FIRST_CHECK
         while not stop.is_set():
@@ -87,6 +96,16 @@ class PendingDrain:
                 "claimed {rows} pending webhook changes in {took_ms:.0f}ms",
                 rows=claimed,
                 took_ms=(time.monotonic() - started) * 1000,
+            )
+        # Rows another daemon claimed and never settled (it died, or lost its lease) become
+        # claimable five minutes after their claim: come back then, not at the next notification.
+        expiry = await self._store.foreign_claim_expiry(list(self._open))
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if expiry is not None:
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                expiry + 1.0, self.request, "a claim of another daemon expired"
             )
 
     async def _settle(self) -> int:

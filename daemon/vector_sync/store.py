@@ -394,6 +394,18 @@ class Store:
         )
         return [PendingChange(row[0], ProjectId(row[1]), row[2], row[3]) for row in rows]
 
+    async def foreign_claim_expiry(self, ours: Sequence[int]) -> float | None:
+        """Seconds until the earliest open claim not in `ours` expires (a daemon that died holding it)."""
+        value = await self.pool.fetchval(
+            """
+            select extract(epoch from min(claimed_at) + interval '5 minutes' - now())::float8
+              from vector_sync.pending_webhooks
+             where resolved_at is null and claimed_at is not null and log_id <> all($1::bigint[])
+            """,
+            list(ours),
+        )
+        return None if value is None else max(0.0, float(value))
+
     async def resolve_pending(self, log_ids: Sequence[int]) -> list[int]:
         """Mark settled those of `log_ids` whose change is embedded (or moot); returns them."""
         rows = await self.pool.fetch(self._resolve_pending, self.model, list(log_ids))

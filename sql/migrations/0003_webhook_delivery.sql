@@ -346,6 +346,9 @@ begin
         perform vector_sync.send_webhook_attempt(attempt.id, target_url, signing_secret);
         sent := sent + 1;
       exception when others then
+        -- Counts as an attempt: a sender that can never queue (a secret that is not base64, a
+        -- broken pg_net) must end in pending_webhooks, not retry for ever.
+        update vector_sync.webhook_logs l set attempt_count = l.attempt_count + 1 where l.id = attempt.id;
         perform vector_sync.webhook_attempt_failed(attempt.id, null, 'could not queue: ' || left(sqlerrm, 400));
       end;
     end loop;
