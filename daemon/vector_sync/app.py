@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,7 @@ from vector_sync.config import Settings, SourceName
 from vector_sync.drift import DriftPass
 from vector_sync.embedder import Embedder, EmbedStats, build_embedder
 from vector_sync.events import ChangeEvent, ProjectId, Source
+from vector_sync.lease import Lease
 from vector_sync.metrics import Metrics
 from vector_sync.migrations import Catalog, SchemaError, pending_migrations, read_catalog
 from vector_sync.pending import PendingDrain
@@ -32,6 +34,19 @@ from vector_sync.store import DATABASE_ERRORS, Store
 from vector_sync.web import HttpServer
 
 READINESS_QUERY_TIMEOUT = 2.0
+
+
+class Role(StrEnum):
+    LEADER = "leader"
+    STANDBY = "standby"
+
+
+class Outcome(Enum):
+    """How a term as leader ended."""
+
+    STOPPED = "stopped"
+    FAILED = "failed"
+    LEASE_LOST = "lease lost"
 
 
 class FatalError(Exception):
@@ -132,9 +147,15 @@ class Daemon:
         self.http: HttpServer | None = None
         self.webhook: WebhookReceiver | None = None
         self.started = asyncio.Event()
+        self.role = Role.STANDBY
+        self._terms = 0
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until `stop` is set (exit 0) or a part fails for good (exit 1)."""
+        """Run until `stop` is set (exit 0) or a part fails for good (exit 1).
+
+        Between start and stop the instance is a standby until it holds the lease, then the leader
+        until `stop`, a failure, or the loss of the lease (back to standby).
+        """
         try:
             await self._start()
         except FatalError as exc:
@@ -144,11 +165,51 @@ class Daemon:
         except BaseException:
             await self._close()
             raise
+        assert self.settings.database_url is not None
+        lease = Lease(self.settings.database_url.get_secret_value(), self.settings.table)
+        code = 0
+        try:
+            while not stop.is_set():
+                self.role = Role.STANDBY
+                # Started means serving: as the leader once its parts run, or as a standby.
+                if not await lease.acquire(stop, waiting=self.started.set):
+                    break
+                self.role = Role.LEADER
+                logger.info("leader: this instance holds the lease and embeds")
+                outcome = await self._lead(stop, lease)
+                if outcome is not Outcome.LEASE_LOST:
+                    code = 1 if outcome is Outcome.FAILED else 0
+                    break
+        finally:
+            await lease.release()
+            await self._close()
+        return code
+
+    async def _lead(self, stop: asyncio.Event, lease: Lease) -> Outcome:
+        if self._terms:
+            self._build_term()  # the first term's parts were built at start
+        self._terms += 1
+        if self.webhook is not None:
+            self.webhook.sink = self.intake
         tasks = self._spawn()
         self.started.set()
-        code = await self._supervise(tasks, stop)
+        outcome = await self._supervise(tasks, stop, lease.lost)
+        if outcome is Outcome.LEASE_LOST:
+            # Another instance may already be embedding: stop at once, no grace, nothing new.
+            logger.error("lost the lease (its database connection ended): stopping now, standing by")
+            self._stopping.set()
+            if self.webhook is not None:
+                self.webhook.sink = None
+                if self.intake is not None:
+                    self.intake.source_state(Source.WEBHOOK, False)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.pipeline is not None:
+                await self.pipeline.drain(0)
+            return outcome
         await self._shutdown(tasks)
-        return code
+        return outcome
 
     async def _start(self) -> None:
         settings = self.settings
@@ -164,31 +225,14 @@ class Daemon:
             self.metrics.watch_realtime(self.realtime_status)
         for source in settings.active_sources:
             self.metrics.source_up.labels(source.value).set(0)  # present (and 0) before the first report
-        self.scheduler = Scheduler(
-            insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
-        )
         self.metrics.pending.set_function(lambda: self.scheduler.pending_count if self.scheduler else 0)
         self.metrics.in_flight.set_function(lambda: self.scheduler.in_flight_count if self.scheduler else 0)
         self.metrics.oldest_pending.set_function(self._oldest_pending_age)
         self.metrics.pending_limit.set(settings.max_pending)
-        self.intake = Intake(self.scheduler, self.metrics)
-        self.drift = DriftPass(
-            self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
-        )
-        self.intake.drift = self.drift
-        self.pending = PendingDrain(self.store, self.intake.offer)
-        self.intake.pending = self.pending
-        self.pipeline = Pipeline(
-            scheduler=self.scheduler,
-            store=self.store,
-            embedder=embedder,
-            metrics=self.metrics,
-            batch_size=settings.batch_size,
-            max_concurrent_batches=settings.max_concurrent_requests,
-        )
+        self._build_term()
         if SourceName.WEBHOOK in settings.active_sources:
             self.webhook = WebhookReceiver(
-                sink=self.intake,
+                sink=None,  # a standby until it holds the lease
                 id_kind=catalog.id_kind,
                 table=settings.table,
                 id_column=settings.id_column,
@@ -219,6 +263,30 @@ class Daemon:
             sources=",".join(sorted(source.value for source in settings.active_sources)),
             embedder=settings.active_embedder.value,
             model=embedder.model,
+        )
+
+    def _build_term(self) -> None:
+        """Fresh working parts for a term as leader (a previous term's queue is the drift pass's now)."""
+        settings = self.settings
+        assert self.store is not None and self._embedder is not None
+        self._stopping = asyncio.Event()
+        self.scheduler = Scheduler(
+            insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
+        )
+        self.intake = Intake(self.scheduler, self.metrics)
+        self.drift = DriftPass(
+            self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
+        )
+        self.intake.drift = self.drift
+        self.pending = PendingDrain(self.store, self.intake.offer)
+        self.intake.pending = self.pending
+        self.pipeline = Pipeline(
+            scheduler=self.scheduler,
+            store=self.store,
+            embedder=self._embedder,
+            metrics=self.metrics,
+            batch_size=settings.batch_size,
+            max_concurrent_batches=settings.max_concurrent_requests,
         )
 
     def _spawn(self) -> dict[asyncio.Task[None], str]:
@@ -277,12 +345,18 @@ class Daemon:
             self.drift.request("start-up")
         return {asyncio.create_task(job, name=f"vector-sync-{name}"): name for name, job in jobs.items()}
 
-    async def _supervise(self, tasks: dict[asyncio.Task[None], str], stop: asyncio.Event) -> int:
-        stop_waiter: asyncio.Task[Any] = asyncio.ensure_future(stop.wait())
+    async def _supervise(
+        self, tasks: dict[asyncio.Task[None], str], stop: asyncio.Event, lease_lost: asyncio.Event
+    ) -> Outcome:
+        waiters: dict[asyncio.Future[Any], Outcome] = {
+            asyncio.ensure_future(stop.wait()): Outcome.STOPPED,
+            asyncio.ensure_future(lease_lost.wait()): Outcome.LEASE_LOST,
+        }
         try:
-            done, _ = await asyncio.wait([*tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*tasks, *waiters], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop_waiter.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         for task in done:
             if task not in tasks:
                 continue
@@ -291,8 +365,8 @@ class Daemon:
             logger.opt(exception=error).error(
                 "{name} stopped unexpectedly: {error}; shutting down", name=tasks[task], error=repr(error)
             )
-            return 1
-        return 0
+            return Outcome.FAILED
+        return next(outcome for waiter, outcome in waiters.items() if waiter in done)
 
     async def _shutdown(self, tasks: dict[asyncio.Task[None], str]) -> None:
         started = time.monotonic()
@@ -316,7 +390,6 @@ class Daemon:
             cut=cut,
             left=len(left),
         )
-        await self._close()
 
     async def _close(self) -> None:
         if self.http is not None:
@@ -349,7 +422,10 @@ class Daemon:
             }
         paused = self.pipeline.paused if self.pipeline else False
         details["embedding"] = "paused" if paused else "ok"
-        details["ready"] = database and not paused and all(state == "live" for state in sources.values())
+        details["role"] = self.role.value
+        details["ready"] = (
+            database and self.role is Role.LEADER and not paused and all(state == "live" for state in sources.values())
+        )
         return details
 
     def _oldest_pending_age(self) -> float:

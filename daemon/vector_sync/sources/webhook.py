@@ -113,7 +113,7 @@ class WebhookReceiver:
     def __init__(
         self,
         *,
-        sink: EventSink,
+        sink: EventSink | None,
         id_kind: IdKind,
         table: TableName,
         id_column: str,
@@ -121,7 +121,8 @@ class WebhookReceiver:
         token: str | None,
         rate_limit: float,
     ) -> None:
-        self._sink = sink
+        # None while this instance is a standby: the sender is told to retry, and reaches the leader.
+        self.sink = sink
         self._id_kind = id_kind
         self._table = table
         self._id_column = id_column
@@ -142,9 +143,12 @@ class WebhookReceiver:
             )
         return response
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """The answers that need no body, cheapest first."""
         if self.stopping:
             return _error(503, "shutting down", {"Retry-After": "5"})
+        if self.sink is None:
+            return _error(503, "standby: another instance is embedding", {"Retry-After": "5"})
         wait = self._limiter.retry_after(request.remote or "unknown", time.monotonic())
         if wait is not None:
             return _error(429, "too many requests", {"Retry-After": str(max(1, math.ceil(wait)))})
@@ -152,6 +156,12 @@ class WebhookReceiver:
             return _error(415, "content type must be application/json")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return _error(413, "body larger than 1 MiB")
+        return None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         if self._reading >= MAX_CONCURRENT_BODIES:
             return _error(429, "too many requests in progress", {"Retry-After": "1"})
         self._reading += 1
@@ -168,6 +178,9 @@ class WebhookReceiver:
             return _error(413, "body larger than 1 MiB")
         if not self._authenticated(request, body):
             return _error(401, "missing or invalid signature or token")
+        sink = self.sink
+        if sink is None:  # the lease was lost while the body was read
+            return _error(503, "standby: another instance is embedding", {"Retry-After": "5"})
         try:
             event = parse_webhook(
                 body,
@@ -177,9 +190,9 @@ class WebhookReceiver:
                 id_column=self._id_column,
             )
         except MalformedEvent as exc:
-            self._sink.malformed(Source.WEBHOOK, exc.reason)
+            sink.malformed(Source.WEBHOOK, exc.reason)
             return _error(exc.status, exc.reason)
-        self._sink.offer(event)
+        sink.offer(event)
         return web.json_response({"webhook_id": request.headers.get("webhook-id")}, status=202)
 
     def _authenticated(self, request: web.Request, body: bytes) -> bool:
