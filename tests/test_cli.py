@@ -312,3 +312,18 @@ async def test_check_subscribes_to_realtime(live_dsn: str, live_server: Realtime
     code, out, _ = await vector_sync("check", env={**env, "SUPABASE_SERVICE_ROLE_KEY": "wrong-key"})
     assert code == 1
     assert any(line.startswith("FAIL") and "realtime" in line for line in out.splitlines())
+
+
+async def test_run_waits_for_an_unreachable_database_then_exits_1(tmp_path: Path) -> None:
+    env = base_env(
+        DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+        VECTOR_SYNC_EMBEDDER="hash",
+        VECTOR_SYNC_STARTUP_TIMEOUT="2s",
+    )
+    started = asyncio.get_running_loop().time()
+    code, _, err = await vector_sync("run", env=env, timeout=60)
+    took = asyncio.get_running_loop().time() - started
+    assert code == 1
+    assert took >= 2
+    assert "cannot reach the database yet" in err  # it did retry
+    assert sum("cannot start: cannot reach the database (for 2s)" in line for line in err.splitlines()) == 1

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
+from vector_sync.aio import backoff, wait_or_stop
 from vector_sync.config import Settings, SourceName
 from vector_sync.drift import DriftPass
 from vector_sync.embedder import Embedder, EmbedStats, build_embedder
@@ -30,7 +31,7 @@ from vector_sync.scheduler import Offer, Scheduler
 from vector_sync.sources.listen import CHANNEL, PENDING_CHANNEL, ListenSource, PgListener
 from vector_sync.sources.realtime import RealtimeSource, RealtimeStatus
 from vector_sync.sources.webhook import WebhookReceiver
-from vector_sync.store import DATABASE_ERRORS, Store
+from vector_sync.store import DATABASE_ERRORS, DATABASE_UNAVAILABLE, Store
 from vector_sync.web import HttpServer
 
 READINESS_QUERY_TIMEOUT = 2.0
@@ -53,13 +54,36 @@ class FatalError(Exception):
     """The daemon cannot run (exit code 1); the message is the one log line that says why."""
 
 
-async def load_catalog(settings: Settings) -> Catalog:
-    """Read the catalog and insist the migrations are applied: the daemon never migrates by itself."""
+async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.Event | None = None) -> Catalog:
+    """Read the catalog and insist the migrations are applied: the daemon never migrates by itself.
+
+    An unreachable database is retried for `wait` seconds (a database that starts after the
+    daemon, a restart); a missing table or migration fails at once: waiting will not fix it.
+    """
     assert settings.database_url is not None
-    try:
-        conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
-    except DATABASE_ERRORS as exc:
-        raise FatalError(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
+    deadline = time.monotonic() + wait
+    attempt = 0
+    while True:
+        try:
+            conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+            break
+        except DATABASE_UNAVAILABLE as exc:
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                raise FatalError(f"cannot reach the database (for {wait:.0f}s): {type(exc).__name__}: {exc}") from exc
+            delay = min(left, backoff(attempt, first=0.5, cap=5.0))
+            attempt += 1
+            logger.warning(
+                "cannot reach the database yet ({error}); retrying for {left:.0f}s more",
+                error=type(exc).__name__,
+                left=left,
+            )
+            if stop is not None and await wait_or_stop(stop, delay):
+                raise FatalError("stopped while waiting for the database") from exc
+            if stop is None:
+                await asyncio.sleep(delay)
+        except DATABASE_ERRORS as exc:
+            raise FatalError(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
     try:
         catalog = await read_catalog(conn, settings)
         behind = await pending_migrations(conn, settings, catalog)
@@ -157,7 +181,7 @@ class Daemon:
         until `stop`, a failure, or the loss of the lease (back to standby).
         """
         try:
-            await self._start()
+            await self._start(stop)
         except FatalError as exc:
             logger.error("cannot start: {error}", error=str(exc))
             await self._close()
@@ -211,9 +235,9 @@ class Daemon:
         await self._shutdown(tasks)
         return outcome
 
-    async def _start(self) -> None:
+    async def _start(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        catalog = await load_catalog(settings)
+        catalog = await load_catalog(settings, wait=settings.startup_timeout, stop=stop)
         try:
             self.store = await Store.connect(settings, catalog)
         except DATABASE_ERRORS as exc:

@@ -167,6 +167,8 @@ class Settings(BaseSettings):
     # silent drops (its rate limit). 0 = off.
     safety_interval: Duration = Field(0.0, validation_alias="VECTOR_SYNC_SAFETY_INTERVAL")
     realtime_ready_timeout: Duration = Field(30.0, validation_alias="VECTOR_SYNC_REALTIME_READY_TIMEOUT")
+    # How long `run` keeps trying an unreachable database at start before it exits 1.
+    startup_timeout: Duration = Field(30.0, validation_alias="VECTOR_SYNC_STARTUP_TIMEOUT")
 
     @field_validator(
         "insert_delay",
@@ -175,6 +177,7 @@ class Settings(BaseSettings):
         "shutdown_grace",
         "safety_interval",
         "realtime_ready_timeout",
+        "startup_timeout",
         mode="before",
     )
     @classmethod
