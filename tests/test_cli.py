@@ -327,3 +327,28 @@ async def test_run_waits_for_an_unreachable_database_then_exits_1(tmp_path: Path
     assert took >= 2
     assert "cannot reach the database yet" in err  # it did retry
     assert sum("cannot start: cannot reach the database (for 2s)" in line for line in err.splitlines()) == 1
+
+
+async def test_reconcile_all_replays_dead_letters_and_refuses_while_a_daemon_leads(
+    db: asyncpg.Connection, dsn: str, api: EmbeddingAPI
+) -> None:
+    from support import make_settings, running
+
+    await db.execute("insert into projects (name, description) values ('fine', 'text'), ('bad', 'POISON pill')")
+    env = daemon_env(dsn, api)
+    await vector_sync("reconcile", env=env, timeout=60)
+    assert await db.fetchval("select count(*) from vector_sync.dead_letters") == 1
+    # The API stops refusing that text (a fixed model server, a raised limit): --all tries it again.
+    api.poison = None
+    await vector_sync("reconcile", env=env, timeout=60)
+    assert await db.fetchval("select count(*) from vector_sync.dead_letters") == 1  # plain reconcile skips it
+    code, _, err = await vector_sync("reconcile", "--all", env=env, timeout=60)
+    assert code == 0, err
+    assert "1 dead letters cleared" in err
+    assert await all_current(db)
+    assert await db.fetchval("select count(*) from vector_sync.dead_letters") == 0
+    # While a daemon holds the lease, reconcile leaves the work to it instead of paying twice.
+    async with running(make_settings(dsn, api.url)):
+        code, _, err = await vector_sync("reconcile", env=env, timeout=60)
+    assert code == 1
+    assert "holds the lease" in err

@@ -20,6 +20,7 @@ from vector_sync.config import ENV_NAMES, ConfigError, Settings, SourceName, loa
 from vector_sync.drift import DriftPass
 from vector_sync.embedder import build_embedder
 from vector_sync.events import IdKind
+from vector_sync.lease import Lease
 from vector_sync.metrics import Metrics
 from vector_sync.migrations import (
     Catalog,
@@ -262,7 +263,27 @@ async def _with_store(settings: Settings, work: Callable[[Store, Catalog], Corou
         await store.close()
 
 
-async def _reconcile(settings: Settings, store: Store, _catalog: Catalog) -> int:
+async def _reconcile(settings: Settings, store: Store, _catalog: Catalog, *, replay: bool) -> int:
+    assert settings.database_url is not None
+    lease = Lease(settings.database_url.get_secret_value(), settings.table)
+    if not await lease.try_acquire():
+        # A leading daemon does this work itself (its drift pass); both at once would pay twice.
+        print(
+            "vector-sync: a running daemon holds the lease for this table and embeds what is stale itself; "
+            "stop it first, or restart it to have its drift pass run now",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        if replay:
+            replayed = await store.clear_dead_letters()
+            print(f"{replayed} dead letters cleared: their rows are tried again", file=sys.stderr)
+        return await _reconcile_holding_lease(settings, store)
+    finally:
+        await lease.release()
+
+
+async def _reconcile_holding_lease(settings: Settings, store: Store) -> int:
     embedder = build_embedder(settings)
     scheduler = Scheduler(insert_delay=0, update_delay=0, max_pending=settings.max_pending)
     pipeline = Pipeline(
@@ -314,9 +335,11 @@ def _progress_bar(done: int, total: int, width: int = 40) -> None:
     sys.stderr.flush()
 
 
-def cmd_reconcile(_args: argparse.Namespace) -> int:
+def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = _settings()
-    return asyncio.run(_with_store(settings, lambda store, catalog: _reconcile(settings, store, catalog)))
+    return asyncio.run(
+        _with_store(settings, lambda store, catalog: _reconcile(settings, store, catalog, replay=args.replay))
+    )
 
 
 async def _status(store: Store, _catalog: Catalog) -> int:
@@ -466,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
         "embed every row whose vector is missing or behind, then exit",
         cmd_reconcile,
         CONNECTION_VARS + TABLE_VARS + EMBEDDING_VARS,
+    ).add_argument(
+        "--all",
+        action="store_true",
+        dest="replay",
+        help="also retry rows in vector_sync.dead_letters (rows from another model are always re-embedded)",
     )
     add(
         "status",

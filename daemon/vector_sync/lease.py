@@ -70,6 +70,14 @@ class Lease:
                 break
         return False
 
+    async def try_acquire(self) -> bool:
+        """One attempt: True when this process now holds the lease (for one-shot commands)."""
+        conn = await self._connection()
+        held = bool(await conn.fetchval("select pg_try_advisory_lock($1)", self._key))
+        if not held:
+            await self._drop()
+        return held
+
     async def watch(self, stop: asyncio.Event) -> None:
         """Return when the lease is lost (its connection ended) or `stop` is set."""
         await wait_first(self.lost, stop)

@@ -411,6 +411,14 @@ class Store:
         rows = await self.pool.fetch(self._resolve_pending, self.model, list(log_ids))
         return [row[0] for row in rows]
 
+    async def clear_dead_letters(self) -> int:
+        """Forget every dead letter, so the next pass tries those rows again; returns how many."""
+        return int(
+            await self.pool.fetchval(
+                "with gone as (delete from vector_sync.dead_letters returning 1) select count(*) from gone"
+            )
+        )
+
     async def status(self) -> Status:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(self._status, self.model)
