@@ -352,3 +352,24 @@ async def test_reconcile_all_replays_dead_letters_and_refuses_while_a_daemon_lea
         code, _, err = await vector_sync("reconcile", env=env, timeout=60)
     assert code == 1
     assert "holds the lease" in err
+
+
+async def test_sigterm_while_waiting_for_the_database_is_a_clean_stop(tmp_path: Path) -> None:
+    env = base_env(
+        DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+        VECTOR_SYNC_EMBEDDER="hash",
+        VECTOR_SYNC_STARTUP_TIMEOUT="5m",
+    )
+    async with serving("run", env=env) as process:
+        assert process.stderr is not None
+        first = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        assert b"cannot reach the database yet" in first
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+
+
+async def test_run_refuses_a_vector_size_other_than_the_columns(dsn: str, api: EmbeddingAPI) -> None:
+    env = {**daemon_env(dsn, api, VECTOR_SYNC_HTTP_PORT="0"), "VECTOR_SYNC_EMBEDDING_DIMENSIONS": str(DIMENSIONS * 2)}
+    code, _, err = await vector_sync("run", env=env, timeout=60)
+    assert code == 1
+    assert f"holds {DIMENSIONS}-dimension vectors but VECTOR_SYNC_EMBEDDING_DIMENSIONS is {DIMENSIONS * 2}" in err

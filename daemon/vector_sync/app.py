@@ -50,6 +50,10 @@ class Outcome(Enum):
     LEASE_LOST = "lease lost"
 
 
+class StoppedBeforeStart(Exception):
+    """A stop signal arrived while the daemon was still waiting to start: a clean exit (0)."""
+
+
 class FatalError(Exception):
     """The daemon cannot run (exit code 1); the message is the one log line that says why."""
 
@@ -69,7 +73,9 @@ async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.E
             break
         except DATABASE_UNAVAILABLE as exc:
             left = deadline - time.monotonic()
-            if left <= 0 or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
+                raise StoppedBeforeStart from exc
+            if left <= 0:
                 raise FatalError(f"cannot reach the database (for {wait:.0f}s): {type(exc).__name__}: {exc}") from exc
             delay = min(left, backoff(attempt, first=0.5, cap=5.0))
             attempt += 1
@@ -79,7 +85,7 @@ async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.E
                 left=left,
             )
             if stop is not None and await wait_or_stop(stop, delay):
-                raise FatalError("stopped while waiting for the database") from exc
+                raise StoppedBeforeStart from exc
             if stop is None:
                 await asyncio.sleep(delay)
         except DATABASE_ERRORS as exc:
@@ -87,12 +93,23 @@ async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.E
     try:
         catalog = await read_catalog(conn, settings)
         behind = await pending_migrations(conn, settings, catalog)
+        # vector(n) and halfvec(n) keep n as the column's type modifier.
+        dimensions = await conn.fetchval(
+            "select nullif(atttypmod, -1) from pg_attribute"
+            " where attrelid = to_regclass('vector_sync.project_embeddings') and attname = 'embedding'"
+        )
     except SchemaError as exc:
         raise FatalError(str(exc)) from exc
     finally:
         await conn.close()
     if behind:
         raise FatalError(f"migrations {behind} are not applied; run `vector-sync migrate`")
+    if dimensions is not None and dimensions != settings.embedding_dimensions:
+        raise FatalError(
+            f"vector_sync.project_embeddings holds {dimensions}-dimension vectors but "
+            f"VECTOR_SYNC_EMBEDDING_DIMENSIONS is {settings.embedding_dimensions}; a new size needs a new column "
+            "(docs/operations.md, changing the model)"
+        )
     return catalog
 
 
@@ -186,6 +203,10 @@ class Daemon:
             logger.error("cannot start: {error}", error=str(exc))
             await self._close()
             return 1
+        except StoppedBeforeStart:
+            logger.info("stopped before the database could be reached")
+            await self._close()
+            return 0
         except BaseException:
             await self._close()
             raise
