@@ -28,6 +28,7 @@ from vector_sync.migrations import Catalog, SchemaError, pending_migrations, rea
 from vector_sync.pending import PendingDrain
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Offer, Scheduler
+from vector_sync.sdnotify import Notifier
 from vector_sync.sources.listen import CHANNEL, PENDING_CHANNEL, ListenSource, PgListener
 from vector_sync.sources.realtime import RealtimeSource, RealtimeStatus
 from vector_sync.sources.webhook import WebhookReceiver
@@ -58,11 +59,14 @@ class FatalError(Exception):
     """The daemon cannot run (exit code 1); the message is the one log line that says why."""
 
 
-async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.Event | None = None) -> Catalog:
+async def load_catalog(
+    settings: Settings, *, wait: float = 0.0, stop: asyncio.Event | None = None, embeds: bool = True
+) -> Catalog:
     """Read the catalog and insist the migrations are applied: the daemon never migrates by itself.
 
     An unreachable database is retried for `wait` seconds (a database that starts after the
-    daemon, a restart); a missing table or migration fails at once: waiting will not fix it.
+    daemon, a restart); a missing table or migration fails at once: waiting will not fix it. When
+    the caller `embeds`, the vector column must have the configured size.
     """
     assert settings.database_url is not None
     deadline = time.monotonic() + wait
@@ -104,7 +108,7 @@ async def load_catalog(settings: Settings, *, wait: float = 0.0, stop: asyncio.E
         await conn.close()
     if behind:
         raise FatalError(f"migrations {behind} are not applied; run `vector-sync migrate`")
-    if dimensions is not None and dimensions != settings.embedding_dimensions:
+    if embeds and dimensions is not None and dimensions != settings.embedding_dimensions:
         raise FatalError(
             f"vector_sync.project_embeddings holds {dimensions}-dimension vectors but "
             f"VECTOR_SYNC_EMBEDDING_DIMENSIONS is {settings.embedding_dimensions}; a new size needs a new column "
@@ -121,6 +125,7 @@ class Intake:
     metrics: Metrics
     drift: DriftPass | None = None
     pending: PendingDrain | None = None
+    on_state: Callable[[], None] = lambda: None
     live: dict[Source, bool] = field(default_factory=dict)
     _malformed_seen: set[tuple[Source, str]] = field(default_factory=set)
 
@@ -168,6 +173,7 @@ class Intake:
                 self.pending.request("realtime ready")
         self.live[source] = live
         self.metrics.source_up.labels(source.value).set(1 if live else 0)
+        self.on_state()
 
 
 class Daemon:
@@ -190,6 +196,9 @@ class Daemon:
         self.started = asyncio.Event()
         self.role = Role.STANDBY
         self._terms = 0
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self.notifier = Notifier()
+        self._ready_told = False
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until `stop` is set (exit 0) or a part fails for good (exit 1).
@@ -212,12 +221,13 @@ class Daemon:
             raise
         assert self.settings.database_url is not None
         lease = Lease(self.settings.database_url.get_secret_value(), self.settings.table)
+        systemd = asyncio.create_task(self._tell_systemd(stop), name="vector-sync-systemd")
         code = 0
         try:
             while not stop.is_set():
                 self.role = Role.STANDBY
                 # Started means serving: as the leader once its parts run, or as a standby.
-                if not await lease.acquire(stop, waiting=self.started.set):
+                if not await lease.acquire(stop, waiting=self._standing_by):
                     break
                 self.role = Role.LEADER
                 logger.info("leader: this instance holds the lease and embeds")
@@ -226,9 +236,46 @@ class Daemon:
                     code = 1 if outcome is Outcome.FAILED else 0
                     break
         finally:
+            systemd.cancel()
             await lease.release()
             await self._close()
         return code
+
+    def _standing_by(self) -> None:
+        self.started.set()
+        self._tell_ready("standby: another instance holds the lease")
+
+    def _tell_ready(self, status: str) -> None:
+        # READY=1 once per process (as a standby or as the leader), STATUS= lines after it.
+        if self._ready_told:
+            self.notifier.status(status)
+        else:
+            self._ready_told = self.notifier.ready(status) or not self.notifier.enabled
+
+    async def _tell_systemd(self, stop: asyncio.Event) -> None:
+        """Watchdog pings while healthy, and STOPPING=1 as soon as a stop begins."""
+        watchdog = asyncio.create_task(self.notifier.run_watchdog(self._healthy, stop))
+        try:
+            await stop.wait()
+            self.notifier.stopping("stopping: intake closed, draining")
+            await watchdog
+        finally:
+            watchdog.cancel()
+
+    def _healthy(self) -> bool:
+        """For the systemd watchdog: no supervised part of the leader has ended on its own."""
+        return not any(task.done() for task in self._tasks)
+
+    def _sources_changed(self) -> None:
+        if self.role is not Role.LEADER or self.intake is None:
+            return
+        down = sorted(
+            source.value for source in self.settings.active_sources if not self.intake.live.get(Source(source.value))
+        )
+        if not down:
+            self.notifier.ready(f"leader: {', '.join(sorted(s.value for s in self.settings.active_sources))} live")
+        else:
+            self.notifier.status(f"leader: waiting for {', '.join(down)}")
 
     async def _lead(self, stop: asyncio.Event, lease: Lease) -> Outcome:
         if self._terms:
@@ -237,7 +284,9 @@ class Daemon:
         if self.webhook is not None:
             self.webhook.sink = self.intake
         tasks = self._spawn()
+        self._tasks = tasks
         self.started.set()
+        self._sources_changed()
         outcome = await self._supervise(tasks, stop, lease.lost)
         if outcome is Outcome.LEASE_LOST:
             # Another instance may already be embedding: stop at once, no grace, nothing new.
@@ -318,7 +367,7 @@ class Daemon:
         self.scheduler = Scheduler(
             insert_delay=settings.insert_delay, update_delay=settings.update_delay, max_pending=settings.max_pending
         )
-        self.intake = Intake(self.scheduler, self.metrics)
+        self.intake = Intake(self.scheduler, self.metrics, on_state=self._sources_changed)
         self.drift = DriftPass(
             self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
         )

@@ -250,9 +250,11 @@ def cmd_check(_args: argparse.Namespace) -> int:
 # --- reconcile / status / search -------------------------------------------------------------
 
 
-async def _with_store(settings: Settings, work: Callable[[Store, Catalog], Coroutine[Any, Any, int]]) -> int:
+async def _with_store(
+    settings: Settings, work: Callable[[Store, Catalog], Coroutine[Any, Any, int]], *, embeds: bool = True
+) -> int:
     try:
-        catalog = await load_catalog(settings)
+        catalog = await load_catalog(settings, embeds=embeds)
         store = await Store.connect(settings, catalog)
     except FatalError as exc:
         logger.error("{error}", error=str(exc))
@@ -371,7 +373,7 @@ async def _status(store: Store, _catalog: Catalog) -> int:
 
 def cmd_status(_args: argparse.Namespace) -> int:
     settings = _settings(require_embedder=False)
-    return asyncio.run(_with_store(settings, _status))
+    return asyncio.run(_with_store(settings, _status, embeds=False))
 
 
 async def _search(settings: Settings, store: Store, text: str, limit: int) -> int:
