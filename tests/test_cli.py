@@ -34,6 +34,19 @@ def daemon_env(dsn: str, api: EmbeddingAPI, **values: str) -> dict[str, str]:
     )
 
 
+def served_env(dsn: str, api: EmbeddingAPI, port: int, **values: str) -> dict[str, str]:
+    """`daemon_env` for a `vector-sync run` serving on 127.0.0.1:`port`, webhooks on, no insert delay."""
+    return daemon_env(
+        dsn,
+        api,
+        VECTOR_SYNC_HTTP_HOST="127.0.0.1",
+        VECTOR_SYNC_HTTP_PORT=str(port),
+        VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        VECTOR_SYNC_INSERT_DELAY="0s",
+        **values,
+    )
+
+
 async def vector_sync(*args: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -146,15 +159,7 @@ async def test_check_reports_each_part(dsn: str, api: EmbeddingAPI) -> None:
 
 async def test_run_serves_and_stops_cleanly_on_sigterm(db: asyncpg.Connection, dsn: str, api: EmbeddingAPI) -> None:
     port = free_port()
-    env = daemon_env(
-        dsn,
-        api,
-        VECTOR_SYNC_HTTP_HOST="127.0.0.1",
-        VECTOR_SYNC_HTTP_PORT=str(port),
-        VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        VECTOR_SYNC_INSERT_DELAY="0s",
-        VECTOR_SYNC_LOG_FORMAT="json",
-    )
+    env = served_env(dsn, api, port, VECTOR_SYNC_LOG_FORMAT="json")
     async with serving("run", env=env) as process:
         await wait_until(lambda: ready(port), what="/readyz to answer 200")
         await db.execute("insert into projects (name, description) values ('Stargazer', 'planets tonight')")

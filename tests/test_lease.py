@@ -22,7 +22,6 @@ import pytest
 from embedding_api import EmbeddingAPI
 from support import (
     AUDIT_SQL,
-    WEBHOOK_SECRET,
     all_current,
     make_settings,
     post_webhook,
@@ -32,7 +31,7 @@ from support import (
     wait_until,
     webhook_body,
 )
-from test_cli import daemon_env, free_port
+from test_cli import free_port, served_env
 from vector_sync.lease import lease_key
 
 TAKEOVER_LIMIT = 10.0
@@ -141,18 +140,7 @@ async def test_kill_9_of_the_leader_mid_stream_hands_over_within_10_seconds(
     db = audited
     api.latency = 0.05  # batches are in flight when the leader dies
     ports = [free_port(), free_port()]
-    envs = [
-        daemon_env(
-            dsn,
-            api,
-            VECTOR_SYNC_HTTP_HOST="127.0.0.1",
-            VECTOR_SYNC_HTTP_PORT=str(port),
-            VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
-            VECTOR_SYNC_INSERT_DELAY="0s",
-            VECTOR_SYNC_BATCH_SIZE="10",
-        )
-        for port in ports
-    ]
+    envs = [served_env(dsn, api, port, VECTOR_SYNC_BATCH_SIZE="10") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     async with (
         daemon_process(envs[0], tmp_path / "first.log") as first,

@@ -19,7 +19,6 @@ from embedding_api import EmbeddingAPI, Fault, expected_embedding
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     DIMENSIONS,
-    WEBHOOK_SECRET,
     RunningDaemon,
     all_current,
     make_settings,
@@ -29,7 +28,7 @@ from support import (
     wait_until,
     webhook_body,
 )
-from test_cli import daemon_env, free_port, ready, serving
+from test_cli import free_port, ready, served_env, serving
 from vector_sync.store import content_text, sha256_hex
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -326,13 +325,10 @@ async def test_sigterm_during_a_burst_stops_in_time_and_the_next_start_finishes(
     db: asyncpg.Connection, dsn: str, api: EmbeddingAPI
 ) -> None:
     port = free_port()
-    env = daemon_env(
+    env = served_env(
         dsn,
         api,
-        VECTOR_SYNC_HTTP_HOST="127.0.0.1",
-        VECTOR_SYNC_HTTP_PORT=str(port),
-        VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        VECTOR_SYNC_INSERT_DELAY="0s",
+        port,
         VECTOR_SYNC_LOG_FORMAT="json",
         VECTOR_SYNC_SHUTDOWN_GRACE=f"{GRACE}s",
         VECTOR_SYNC_BATCH_SIZE="5",

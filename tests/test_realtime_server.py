@@ -27,7 +27,7 @@ from realtime_server import (
     binding_id,
     make_jwt,
 )
-from support import create_database, wait_until
+from support import wait_until
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -53,22 +53,21 @@ COLUMNS = [
 # ------------------------------------------------------------------------------------------ fixtures
 
 
+# This module's names for the shared fixtures of conftest.py (a logical-decoding database and a
+# Realtime test server publishing its public.projects).
 @pytest.fixture
-async def rt_dsn(logical_pg: str) -> str:
-    return await create_database(logical_pg)
-
-
-@pytest.fixture
-async def db(rt_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(rt_dsn)
-    yield conn
-    await conn.close()
+def rt_dsn(live_dsn: str) -> str:
+    return live_dsn
 
 
 @pytest.fixture
-async def server(rt_dsn: str) -> AsyncIterator[RealtimeServer]:
-    async with RealtimeServer(rt_dsn, publish_tables=["public.projects"]) as running:
-        yield running
+def db(live_db: asyncpg.Connection) -> asyncpg.Connection:
+    return live_db
+
+
+@pytest.fixture
+def server(live_server: RealtimeServer) -> RealtimeServer:
+    return live_server
 
 
 class Subscriber:
