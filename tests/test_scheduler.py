@@ -83,13 +83,33 @@ def test_a_newer_version_while_pending_keeps_the_earlier_due_time(scheduler: Sch
     assert taken(scheduler) == [("a", 21)]
 
 
-def test_delete_cancels_what_is_pending_and_forgets_the_version(scheduler: Scheduler, clock: Clock) -> None:
+def test_delete_keeps_what_is_pending_and_forgets_the_version(scheduler: Scheduler, clock: Clock) -> None:
     scheduler.offer(event("a", 5, Op.INSERT))
     assert scheduler.offer(event("a", None, Op.DELETE)) is Offer.CANCELLED
     clock.now += 100
-    assert taken(scheduler) == []
+    # Still handed out: the batch reads the row, and a row that is gone settles without an API call.
+    assert taken(scheduler) == [("a", 5)]
+    finish(scheduler, "a", None)
     # The same id inserted again starts at version 1, below what was seen before: not a duplicate.
     assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+
+
+def test_a_late_delete_does_not_cancel_the_insert_of_a_row_inserted_again(scheduler: Scheduler, clock: Clock) -> None:
+    # The re-insert's INSERT arrives first, the old life's DELETE (a retried webhook) after it.
+    scheduler.offer(event("a", 1, Op.INSERT))
+    scheduler.offer(event("a", None, Op.DELETE))
+    clock.now += 100
+    assert taken(scheduler) == [("a", 1)]
+
+
+def test_a_late_delete_while_in_flight_keeps_the_newer_version_it_follows(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 5))
+    assert taken(scheduler) == [("a", 5)]
+    scheduler.offer(event("a", None, Op.DELETE))
+    scheduler.offer(event("a", 1, Op.INSERT))  # the row inserted again
+    scheduler.offer(event("a", None, Op.DELETE))  # the first delete, delivered twice
+    finish(scheduler, "a", None)  # the old life's write was refused
+    assert taken(scheduler) == [("a", 1)]
 
 
 def test_a_newer_version_while_in_flight_runs_again_after(scheduler: Scheduler) -> None:

@@ -803,3 +803,43 @@ async def test_a_sender_that_can_never_queue_ends_in_pending_webhooks(
         await reconcile(db)
     assert await status_of(db, log["id"]) == "exhausted"
     assert await db.fetchval("select attempts from vector_sync.pending_webhooks where log_id = $1", log["id"]) == 4
+
+
+async def test_a_vault_that_cannot_decrypt_never_fails_the_write(db: asyncpg.Connection, pg_net: PgNetWorker) -> None:
+    # A Vault whose secrets cannot be decrypted (a restore, a key change): reading it raises.
+    await db.execute(
+        """
+        create schema vault;
+        create view vault.decrypted_secrets as select 'x'::text as name, (1 / 0)::text as decrypted_secret;
+        """
+    )
+    project_id = await insert_project(db, "written while Vault is broken")  # must not raise
+    log = await log_of(db, project_id)
+    assert log["status"] == "unsent"
+    assert await queued(db) == 0
+
+
+async def test_a_late_delete_from_pending_webhooks_does_not_lose_the_row_inserted_again(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    # The old row's DELETE failed every attempt; the id was then inserted again.
+    await db.execute("insert into projects (id, name, description) values (42, 'old life', 'x')")
+    await db.execute("delete from projects where id = 42")
+    log = await log_of(db, 42)
+    await db.execute(
+        "update vector_sync.webhook_logs set status = 'exhausted', attempt_count = 4 where id = $1", log["id"]
+    )
+    await db.execute(
+        "insert into vector_sync.pending_webhooks (log_id, project_id, event_type, source_version, attempts)"
+        " values ($1, '42', 'DELETE', 1, 4)",
+        log["id"],
+    )
+    await db.execute("insert into projects (id, name, description) values (42, 'new life', 'y')")
+    async with running(daemon_settings(dsn, VECTOR_SYNC_INSERT_DELAY="2s")) as handle:
+        await started_up(handle)
+        await wait_until(lambda: all_current(db), timeout=DEADLINE, what="the row inserted again to be embedded")
+        await wait_until(
+            lambda: db.fetchval("select resolved_at is not null from vector_sync.pending_webhooks"),
+            timeout=DEADLINE,
+            what="the old DELETE resolved",
+        )

@@ -301,6 +301,10 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.pipeline is not None:
                 await self.pipeline.drain(0)
+            # A standby has no parts at work: the watchdog and the gauges must not see this term's.
+            self._tasks = {}
+            if self.scheduler is not None:
+                self.scheduler.drain_all()
             return outcome
         await self._shutdown(tasks)
         return outcome
@@ -372,7 +376,7 @@ class Daemon:
             self.store, self.scheduler, self.intake.offer, on_found=self._count_drift, prune_log=True
         )
         self.intake.drift = self.drift
-        self.pending = PendingDrain(self.store, self.intake.offer)
+        self.pending = PendingDrain(self.store, self.intake.recheck)
         self.intake.pending = self.pending
         self.pipeline = Pipeline(
             scheduler=self.scheduler,

@@ -99,7 +99,6 @@ class DriftPass:
                     if ids:
                         await self._check(sorted(ids), stop)
                 failures = 0
-                await self._maybe_prune()
             except DATABASE_ERRORS as exc:
                 # Unreachable, or e.g. a statement timeout on a large table: back off and try again.
                 failures += 1
@@ -117,6 +116,8 @@ class DriftPass:
                 self._requested.set()
                 if await wait_or_stop(stop, delay):
                     return
+                continue
+            await self._maybe_prune()
 
     async def run_every(self, interval: float, stop: asyncio.Event) -> None:
         """The safety interval: a recent pass every `interval` seconds, for drops no event reveals."""
@@ -183,10 +184,16 @@ class DriftPass:
             self._offer(ChangeEvent(project_id, version, Op.UPDATE, Source.DRIFT))
 
     async def _maybe_prune(self) -> None:
+        """Prune the change log at most once an hour; a failure waits for the next hour and never
+        repeats the pass that just succeeded."""
         if not self._prune_log or time.monotonic() - self._last_prune < PRUNE_EVERY:
             return
         self._last_prune = time.monotonic()
-        deleted = await self._store.prune_change_log()
+        try:
+            deleted = await self._store.prune_change_log()
+        except DATABASE_ERRORS as exc:
+            logger.warning("pruning the change log failed ({error}); next try in an hour", error=type(exc).__name__)
+            return
         logger.info("pruned {rows} change log rows older than the retention", rows=deleted)
 
     def _report(self, found: int, what: str, started: float, reason: str) -> None:

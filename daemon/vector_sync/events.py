@@ -31,7 +31,6 @@ class Source(StrEnum):
     REALTIME = "realtime"
     WEBHOOK = "webhook"
     LISTEN = "listen"
-    PENDING = "pending"
     DRIFT = "drift"
 
 

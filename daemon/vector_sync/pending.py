@@ -1,8 +1,9 @@
 """Draining `pending_webhooks`: changes whose webhook failed every attempt, handed over by the database.
 
-A drain claims open rows (FOR UPDATE SKIP LOCKED, so two daemons never take the same row), offers
-each change to the scheduler, and marks a row resolved only once the database shows the change
-embedded (or the row deleted, or dead-lettered at its text). Until then it looks again with a
+A drain claims open rows (FOR UPDATE SKIP LOCKED, so two daemons never take the same row), asks
+for a re-check of each row (the database, not the logged event, says what to embed: the logged
+change may be a DELETE older than the row's re-insert), and marks a row resolved only once the
+database shows the change embedded (or the row deleted, or dead-lettered at its text). Until then it looks again with a
 growing pause; a claim it never settles (a crash) expires after five minutes and is taken again.
 Drains run at start-up, after each Realtime readiness, when the reconciler notifies
 `vector_sync_pending`, after the LISTEN connection comes back (a notification may have been
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from loguru import logger
 
 from vector_sync.aio import backoff, wait_first, wait_or_stop
-from vector_sync.events import ChangeEvent, Op, Source
+from vector_sync.events import ProjectId
 from vector_sync.store import DATABASE_ERRORS, PendingChange, Store
 
 CLAIM_BATCH = 500
@@ -31,12 +32,13 @@ MAX_OPEN = 10_000
 
 
 class PendingDrain:
-    def __init__(self, store: Store, offer: Callable[[ChangeEvent], object]) -> None:
+    def __init__(self, store: Store, recheck: Callable[[ProjectId, str], None]) -> None:
         self._store = store
-        self._offer = offer
+        self._recheck = recheck
         self._requested = asyncio.Event()
         self._open: dict[int, PendingChange] = {}
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._full = False
         self.resolved = 0
 
     def request(self, reason: str) -> None:
@@ -64,6 +66,9 @@ class PendingDrain:
                 if requested:
                     await self._claim_all()
                 settled = await self._settle()
+                if settled and self._full:
+                    # Claiming stopped at MAX_OPEN: settled rows made room for more.
+                    self._requested.set()
                 failures = 0
                 check_in = FIRST_CHECK if settled or requested else min(CHECK_CAP, check_in * 2)
             except DATABASE_ERRORS as exc:
@@ -79,17 +84,18 @@ class PendingDrain:
     async def _claim_all(self) -> None:
         started = time.monotonic()
         claimed = 0
-        while len(self._open) < MAX_OPEN:
-            batch = await self._store.claim_pending(min(CLAIM_BATCH, MAX_OPEN - len(self._open)))
+        self._full = False
+        while True:
+            if len(self._open) >= MAX_OPEN:
+                self._full = True
+                break
+            wanted = min(CLAIM_BATCH, MAX_OPEN - len(self._open))
+            batch = await self._store.claim_pending(wanted)
             for change in batch:
                 self._open[change.log_id] = change
-                op = Op(change.event_type) if change.event_type in Op.__members__ else Op.UPDATE
-                # The trigger logs a version for every INSERT and UPDATE; without one there is
-                # nothing to dedupe on, and settling still waits for the row to be current.
-                if change.version is not None or op is Op.DELETE:
-                    self._offer(ChangeEvent(change.project_id, change.version, op, Source.PENDING))
+                self._recheck(change.project_id, "a webhook that failed every attempt")
             claimed += len(batch)
-            if len(batch) < CLAIM_BATCH:
+            if len(batch) < wanted:
                 break
         if claimed:
             logger.info(

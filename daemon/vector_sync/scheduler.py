@@ -162,14 +162,15 @@ class Scheduler:
         return Offer.ACCEPTED
 
     def _offer_delete(self, key: ProjectId) -> Offer:
+        # A delete carries no order against a re-insert (whose versions start again at 1): a late
+        # DELETE (a retried webhook, a pending drain) may follow the new row's INSERT. So it drops
+        # nothing queued: the batch reads the row, and a row that is gone settles without a call.
         self._done.pop(key, None)
         flight = self._in_flight.get(key)
         if flight is not None:
             # The batch may have read the row before the delete; the store's guard refuses its
-            # write, and a re-insert (whose versions start again at 1) must count as new.
-            flight.deleted, flight.newer = True, None
-        elif self._pending.pop(key, None) is not None:
-            self._update_room()
+            # write, and any later event for the id counts as new.
+            flight.deleted = True
         return Offer.CANCELLED
 
     @staticmethod

@@ -23,7 +23,7 @@ insert into vector_sync.config (key, value) values
   ('backoff_base_s', '2'),      -- retry n waits base * 2^(n-1) seconds: 2, 4, 8
   ('http_timeout_ms', '5000'),  -- pg_net's timeout_milliseconds
   ('lost_grace_s', '30'),       -- no response this long after the timeout: the request was lost
-  ('batch_size', '200'),        -- most sends per reconciler run
+  ('batch_size', '2000'),       -- most sends per reconciler run (pg_net sends ~200/s: a 10 s tick)
   ('log_retention', '14 days')  -- delivered and unsent log rows older than this are pruned
 on conflict (key) do nothing;
 
@@ -233,14 +233,21 @@ begin
   if not vector_sync.pg_net_installed() then
     return null;
   end if;
-  target_url := vector_sync.secret('vector_sync_webhook_url');
-  signing_secret := vector_sync.secret('vector_sync_webhook_secret');
-  if target_url is null or signing_secret is null then
-    return null;  -- delivery not configured (`vector-sync webhook configure`)
-  end if;
-  update vector_sync.webhook_logs l
-     set status = 'pending', next_attempt_at = pg_catalog.clock_timestamp()
-   where l.txid = pg_catalog.pg_current_xact_id()::text::bigint and l.status = 'unsent';
+  begin
+    -- Inside the block too: a Vault secret that cannot be decrypted (a restore, a key change) must
+    -- not fail the user's write either.
+    target_url := vector_sync.secret('vector_sync_webhook_url');
+    signing_secret := vector_sync.secret('vector_sync_webhook_secret');
+    if target_url is null or signing_secret is null then
+      return null;  -- delivery not configured (`vector-sync webhook configure`)
+    end if;
+    update vector_sync.webhook_logs l
+       set status = 'pending', next_attempt_at = pg_catalog.clock_timestamp()
+     where l.txid = pg_catalog.pg_current_xact_id()::text::bigint and l.status = 'unsent';
+  exception when others then
+    raise warning 'vector_sync: webhook delivery unavailable (%); changes stay logged as unsent', sqlerrm;
+    return null;
+  end;
   begin
     for entry in
       select l.id from vector_sync.webhook_logs l
@@ -264,7 +271,7 @@ create or replace trigger zz_vector_sync_send_webhooks
 create or replace function vector_sync.reconcile_webhooks() returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
 declare
-  batch integer := vector_sync.config_value('batch_size', '200')::integer;
+  batch integer := vector_sync.config_value('batch_size', '2000')::integer;
   lost_after interval := pg_catalog.make_interval(secs => (
     vector_sync.config_value('http_timeout_ms', '5000')::numeric / 1000
     + vector_sync.config_value('lost_grace_s', '30')::numeric)::float8);
@@ -389,12 +396,17 @@ $$;
 revoke all on all tables in schema vector_sync from public;
 revoke all on all functions in schema vector_sync from public;
 do $$
+declare
+  api_role text;
 begin
-  if exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
-    execute 'revoke all on schema vector_sync from anon, authenticated';
-    execute 'revoke all on all tables in schema vector_sync from anon, authenticated';
-    execute 'revoke all on all functions in schema vector_sync from anon, authenticated';
-  end if;
+  -- Each role on its own: PostgREST set-ups may have one without the other.
+  foreach api_role in array array['anon', 'authenticated'] loop
+    if exists (select 1 from pg_catalog.pg_roles where rolname = api_role) then
+      execute pg_catalog.format('revoke all on schema vector_sync from %I', api_role);
+      execute pg_catalog.format('revoke all on all tables in schema vector_sync from %I', api_role);
+      execute pg_catalog.format('revoke all on all functions in schema vector_sync from %I', api_role);
+    end if;
+  end loop;
 end
 $$;
 

@@ -391,7 +391,13 @@ class RealtimeSource:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await client.close()
         except Exception as exc:
+            # Cut short, client.close() never reached its own clean-up: do it, or the old
+            # session's receive task would live on and call the old callbacks.
             logger.debug("realtime: close failed: {error}", error=repr(exc))
+            if connection is not None:
+                connection.transport.abort()
+            if listen is not None:
+                listen.cancel()
         if listen is not None and listen.done() and not listen.cancelled():
             listen.exception()  # retrieved: it was reported through the trouble reason
 
