@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pgvector version when not read from the database; below 0.8 match_projects scans without "
         "hnsw.iterative_scan (default: %(default)s)",
     )
-    add("check", "validate configuration and reach the database and the embedding API", cmd_check, ALL_VARS)
+    add("check", "validate configuration and reach the database, the embedding API and Realtime", cmd_check, ALL_VARS)
     add(
         "reconcile",
         "embed every row whose vector is missing or behind, then exit",
