@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from embedding_api import EmbeddingAPI
 from loguru import logger
-from support import WEBHOOK_SECRET, wait_until
-from test_cli import daemon_env, free_port, serving
+from support import wait_until
+from test_cli import free_port, served_env, serving
 from vector_sync import logs
 from vector_sync.config import Settings
 from vector_sync.sdnotify import Notifier
@@ -392,20 +392,13 @@ def test_no_prefix_off_the_journal(
 
 
 # ------------------------------------------------------------------------------- the daemon itself
-# These need the daemon to use sdnotify (wired in cli.py/app.py); until then they fail.
+# `vector-sync run` end to end, with a notify socket standing in for systemd.
 
 
 async def test_run_notifies_ready_then_stopping_on_sigterm(dsn: str, api: EmbeddingAPI, tmp_path: Path) -> None:
     port = free_port()
     async with NotifySocket(str(tmp_path / "notify")) as notify:
-        env = daemon_env(
-            dsn,
-            api,
-            NOTIFY_SOCKET=notify.address,
-            VECTOR_SYNC_HTTP_HOST="127.0.0.1",
-            VECTOR_SYNC_HTTP_PORT=str(port),
-            VECTOR_SYNC_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        )
+        env = served_env(dsn, api, port, NOTIFY_SOCKET=notify.address)
         async with serving("run", env=env) as process:
             await wait_until(
                 lambda: notify.with_line("READY=1") or process.returncode is not None, what="READY=1 from the daemon"
@@ -423,14 +416,7 @@ async def test_run_notifies_ready_then_stopping_on_sigterm(dsn: str, api: Embedd
 async def test_run_pings_the_watchdog_while_running(dsn: str, api: EmbeddingAPI, tmp_path: Path) -> None:
     port = free_port()
     async with NotifySocket(str(tmp_path / "notify")) as notify:
-        env = daemon_env(
-            dsn,
-            api,
-            NOTIFY_SOCKET=notify.address,
-            WATCHDOG_USEC="1000000",
-            VECTOR_SYNC_HTTP_HOST="127.0.0.1",
-            VECTOR_SYNC_HTTP_PORT=str(port),
-        )
+        env = served_env(dsn, api, port, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="1000000")
         async with serving("run", env=env) as process:
             await wait_until(lambda: notify.with_line("READY=1") or process.returncode is not None, what="READY=1")
             ready_at = len(notify.texts)

@@ -48,29 +48,8 @@ $$;
 -- The webhook sender is a statement-level trigger (migration 0003), not a call per row.
 drop function if exists vector_sync.deliver_webhook(jsonb);
 
--- Retention: the log is needed only until a pass has seen it (seconds to minutes); a week leaves
--- room for audits. Deleted in batches of 10,000 so each statement's memory stays small (it is
--- still one transaction). Returns rows deleted.
-create or replace function vector_sync.prune_webhook_logs(keep interval default interval '7 days')
-returns bigint
-language plpgsql security definer set search_path = '' as $$
-declare
-  deleted bigint := 0;
-  step bigint;
-begin
-  loop
-    delete from vector_sync.webhook_logs
-     where id in (select l.id from vector_sync.webhook_logs l
-                   where l.created_at < now() - keep
-                   limit 10000);
-    get diagnostics step = row_count;
-    deleted := deleted + step;
-    exit when step < 10000;
-  end loop;
-  return deleted;
-end
-$$;
-revoke all on function vector_sync.prune_webhook_logs(interval) from public;
+-- Retention (vector_sync.prune_webhook_logs and its pg_cron job) comes with the delivery states
+-- it must respect, in migration 0003.
 
 -- Realtime sends changes only for tables in the supabase_realtime publication. Plain Postgres has
 -- no such publication: create it (the realtime source needs logical replication there too).
@@ -120,19 +99,6 @@ begin
   if column_list then
     raise notice 'vector_sync: supabase_realtime publishes the source table with a column list or row filter; '
                  'events may lack the id or version, or be missing (the drift pass still finds the changes)';
-  end if;
-end
-$$;
-
--- Keep the log bounded where pg_cron is installed (Supabase); elsewhere the daemon prunes it after
--- its drift passes, or a DBA schedules the function.
-do $$
-begin
-  if exists (select 1 from pg_catalog.pg_extension where extname = 'pg_cron') then
-    perform cron.schedule('vector-sync-prune-webhook-logs', '17 * * * *',
-                          'select vector_sync.prune_webhook_logs()');
-  else
-    raise notice 'pg_cron is not installed: vector_sync.prune_webhook_logs() is not scheduled';
   end if;
 end
 $$;

@@ -418,7 +418,8 @@ declare
 begin
   select e.extversion into cron_version from pg_catalog.pg_extension e where e.extname = 'pg_cron';
   if cron_version is null then
-    raise notice 'pg_cron is not installed: call vector_sync.reconcile_webhooks() yourself to retry webhooks';
+    raise notice 'pg_cron is not installed: vector_sync.prune_webhook_logs() is not scheduled (the daemon '
+                 'prunes after its drift passes); call vector_sync.reconcile_webhooks() yourself to retry webhooks';
     return;
   end if;
   if pg_catalog.string_to_array(cron_version, '.')::integer[] >= array[1, 5] then
