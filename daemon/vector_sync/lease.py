@@ -16,7 +16,7 @@ from collections.abc import Callable
 import asyncpg
 from loguru import logger
 
-from vector_sync.aio import backoff, wait_first, wait_or_stop
+from vector_sync.aio import backoff, wait_or_stop
 from vector_sync.config import TableName
 from vector_sync.sources.listen import enable_keepalive
 from vector_sync.store import DATABASE_ERRORS
@@ -48,10 +48,10 @@ class Lease:
         first = True
         while not stop.is_set():
             try:
-                conn = await self._connection()
-                if await conn.fetchval("select pg_try_advisory_lock($1)", self._key):
+                if await self._try_lock():
+                    assert self._conn is not None
                     self.lost.clear()
-                    conn.add_termination_listener(lambda _conn: self.lost.set())
+                    self._conn.add_termination_listener(lambda _conn: self.lost.set())
                     return True
                 failures = 0
                 if not announced:
@@ -72,15 +72,14 @@ class Lease:
 
     async def try_acquire(self) -> bool:
         """One attempt: True when this process now holds the lease (for one-shot commands)."""
-        conn = await self._connection()
-        held = bool(await conn.fetchval("select pg_try_advisory_lock($1)", self._key))
+        held = await self._try_lock()
         if not held:
             await self._drop()
         return held
 
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Return when the lease is lost (its connection ended) or `stop` is set."""
-        await wait_first(self.lost, stop)
+    async def _try_lock(self) -> bool:
+        conn = await self._connection()
+        return bool(await conn.fetchval("select pg_try_advisory_lock($1)", self._key))
 
     async def release(self) -> None:
         """Give the lease up (a clean stop): a standby takes over at its next poll."""

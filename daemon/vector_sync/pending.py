@@ -21,7 +21,7 @@ from loguru import logger
 
 from vector_sync.aio import backoff, wait_first, wait_or_stop
 from vector_sync.events import ProjectId
-from vector_sync.store import DATABASE_ERRORS, PendingChange, Store
+from vector_sync.store import DATABASE_ERRORS, Store
 
 CLAIM_BATCH = 500
 # Claimed changes wait for their embedding; checks start at this pause and double up to the cap.
@@ -36,7 +36,7 @@ class PendingDrain:
         self._store = store
         self._recheck = recheck
         self._requested = asyncio.Event()
-        self._open: dict[int, PendingChange] = {}
+        self._open: set[int] = set()  # log ids this drain claimed and has not settled
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._full = False
         self.resolved = 0
@@ -91,9 +91,9 @@ class PendingDrain:
                 break
             wanted = min(CLAIM_BATCH, MAX_OPEN - len(self._open))
             batch = await self._store.claim_pending(wanted)
-            for change in batch:
-                self._open[change.log_id] = change
-                self._recheck(change.project_id, "a webhook that failed every attempt")
+            for log_id, project_id in batch:
+                self._open.add(log_id)
+                self._recheck(project_id, "a webhook that failed every attempt")
             claimed += len(batch)
             if len(batch) < wanted:
                 break
@@ -118,8 +118,7 @@ class PendingDrain:
         if not self._open:
             return 0
         resolved = await self._store.resolve_pending(list(self._open))
-        for log_id in resolved:
-            self._open.pop(log_id, None)
+        self._open.difference_update(resolved)
         self.resolved += len(resolved)
         if resolved:
             logger.info(

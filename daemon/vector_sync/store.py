@@ -95,16 +95,6 @@ class Status:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingChange:
-    """A change whose webhook failed every attempt, claimed from pending_webhooks."""
-
-    log_id: int
-    project_id: ProjectId
-    event_type: str
-    version: int | None
-
-
-@dataclass(frozen=True, slots=True)
 class SearchHit:
     project_id: str
     similarity: float
@@ -375,9 +365,9 @@ class Store:
     async def prune_change_log(self) -> int:
         return int(await self.pool.fetchval("select vector_sync.prune_webhook_logs()"))
 
-    async def claim_pending(self, limit: int) -> list[PendingChange]:
+    async def claim_pending(self, limit: int) -> list[tuple[int, ProjectId]]:
         """Claim open pending changes nobody claimed in the last five minutes (another daemon's
-        claim, or one that crashed)."""
+        claim, or one that crashed): (log id, row id) of each."""
         rows = await self.pool.fetch(
             """
             with claimable as (
@@ -388,11 +378,11 @@ class Store:
                for update skip locked)
             update vector_sync.pending_webhooks p set claimed_at = now()
               from claimable c where p.log_id = c.log_id
-            returning p.log_id, p.project_id, p.event_type, p.source_version
+            returning p.log_id, p.project_id
             """,
             limit,
         )
-        return [PendingChange(row[0], ProjectId(row[1]), row[2], row[3]) for row in rows]
+        return [(row[0], ProjectId(row[1])) for row in rows]
 
     async def foreign_claim_expiry(self, ours: Sequence[int]) -> float | None:
         """Seconds until the earliest open claim not in `ours` expires (a daemon that died holding it)."""
