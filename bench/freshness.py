@@ -15,7 +15,7 @@ import asyncio
 import time
 
 import asyncpg
-from throughput import daemon, embedded_postgres, embedding_api, fresh_database, percentile, wait_all_current
+from common import daemon, embedded_postgres, embedding_api, fresh_database, percentile, wait_all_current
 
 
 async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[str, float]:

@@ -16,9 +16,9 @@ import random
 import time
 
 import asyncpg
+from common import DIMENSIONS, embedded_postgres, fresh_database, texts
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
-from throughput import DIMENSIONS, embedded_postgres, fresh_database, texts
 
 UPSERT = """
 insert into vector_sync.project_embeddings (project_id, version, content_sha256, model, embedding)

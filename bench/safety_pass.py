@@ -18,7 +18,7 @@ import statistics
 import time
 
 import asyncpg
-from throughput import TABLE_SQL, embedded_postgres
+from common import TABLE_SQL, embedded_postgres
 
 DIMENSIONS = 8
 
