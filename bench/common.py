@@ -84,6 +84,7 @@ async def daemon(dsn: str, api_url: str, batch: int, **settings: str) -> AsyncIt
         "VECTOR_SYNC_HTTP_HOST": "127.0.0.1",
         "VECTOR_SYNC_HTTP_PORT": "0",
         "VECTOR_SYNC_LOG_LEVEL": os.environ.get("VECTOR_SYNC_LOG_LEVEL", "WARNING"),
+        "VECTOR_SYNC_ENCODING_FORMAT": os.environ.get("VECTOR_SYNC_ENCODING_FORMAT", "float"),
         **settings,
     }
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "vector_sync", "run", env=env)
@@ -123,7 +124,8 @@ def percentile(values: list[float], share: float) -> float:
     return values[min(len(values) - 1, int(share * len(values)))]
 
 
-async def fresh_database(admin: str, name: str) -> str:
+async def fresh_database(admin: str, name: str, *, hnsw: bool = True) -> str:
+    """A new database with the projects table and the daemon's schema; `hnsw=False` drops the vector index."""
     from vector_sync.config import load_settings
     from vector_sync.migrations import migrate
 
@@ -135,6 +137,8 @@ async def fresh_database(admin: str, name: str) -> str:
     conn = await asyncpg.connect(dsn)
     await conn.execute(TABLE_SQL)
     await migrate(conn, load_settings(require_embedder=False, DATABASE_URL=dsn))
+    if not hnsw:
+        await conn.execute("drop index vector_sync.project_embeddings_embedding_idx")
     await conn.close()
     return dsn
 

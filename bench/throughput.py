@@ -32,7 +32,7 @@ from common import (
 
 
 async def backlog(admin: str, api_url: str, rows: int, batch: int) -> dict[str, float | int]:
-    dsn = await fresh_database(admin, "bench_backlog")
+    dsn = await fresh_database(admin, "bench_backlog", hnsw=False)
     conn = await asyncpg.connect(dsn)
     await conn.copy_records_to_table("projects", records=texts(rows, 0), columns=["name", "description"])
     before = await api_stats(api_url)
@@ -52,7 +52,7 @@ async def backlog(admin: str, api_url: str, rows: int, batch: int) -> dict[str, 
 
 
 async def live(admin: str, api_url: str, rows: int, batch: int) -> dict[str, float | int]:
-    dsn = await fresh_database(admin, "bench_live")
+    dsn = await fresh_database(admin, "bench_live", hnsw=False)
     conn = await asyncpg.connect(dsn)
     before = await api_stats(api_url)
     async with daemon(dsn, api_url, batch):
