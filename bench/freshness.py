@@ -1,7 +1,7 @@
 """Commit → stored latency at a steady rate of changes, read from the database at both ends.
 
 The daemon runs as a real subprocess (LISTEN source, no settle delays) against embedded Postgres and
-the test API. Rows are inserted and then updated at `--rate` changes a second for `--seconds`; the
+the test API. With 10,000 rows already embedded, rows are inserted and updated at `--rate` changes a second for `--seconds`; the
 latency of each stored vector is `embedded_at - committed_at`, both stamped by Postgres
 (clock_timestamp() in the trigger and in the upsert).
 
@@ -12,32 +12,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 
 import asyncpg
-from common import daemon, embedded_postgres, embedding_api, fresh_database, percentile, wait_all_current
+from common import daemon, embedded_postgres, embedding_api, fresh_database, percentile, texts, wait_all_current
+
+EXISTING_ROWS = 10_000
 
 
 async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[str, float]:
-    dsn = await fresh_database(admin, "bench_fresh")
+    dsn = await fresh_database(admin, "bench_fresh", hnsw=False)
     conn = await asyncpg.connect(dsn)
     samples: list[float] = []
+    # A table in use: existing rows, embedded before the measured window, that updates pick from.
+    await conn.copy_records_to_table("projects", records=texts(EXISTING_ROWS, 0), columns=["name", "description"])
     async with embedding_api(latency_ms) as api_url, daemon(dsn, api_url, 100):
-        await asyncio.sleep(2)  # start-up; the steady workload below is what is measured
+        await wait_all_current(conn)
+        window_start = await conn.fetchval("select clock_timestamp()")
         started = time.monotonic()
         count = 0
+        inserted = EXISTING_ROWS
+        rng = random.Random(7)
         while time.monotonic() - started < seconds:
-            # Half inserts, half updates of rows inserted earlier: both kinds of change.
-            if count % 2 == 0 or count < 2:
+            # Half inserts, half updates of a row picked at random among those inserted so far: an
+            # update of a row whose previous version is still being embedded waits for that batch
+            # (one flight per row is what keeps a change paid for once), as it would in production.
+            if count % 2 == 0 or inserted == 0:
                 await conn.execute("insert into projects (name, description) values ($1, $2)", f"p{count}", f"t{count}")
+                inserted += 1
             else:
-                await conn.execute("update projects set description = $1 where id = $2", f"u{count}", count // 2)
+                row = rng.randint(1, inserted)
+                await conn.execute("update projects set description = $1 where id = $2", f"u{count}", row)
             count += 1
             await asyncio.sleep(max(0.0, started + count / rate - time.monotonic()))
         await wait_all_current(conn)
         rows = await conn.fetch(
             "select (extract(epoch from embedded_at - committed_at) * 1000)::float8 as ms "
-            "from vector_sync.project_embeddings where committed_at is not null"
+            "from vector_sync.project_embeddings where committed_at >= $1",
+            window_start,
         )
         samples = sorted(row["ms"] for row in rows)
     await conn.close()
