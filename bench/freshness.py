@@ -1,8 +1,8 @@
 """Commit → stored latency at a steady rate of changes, read from the database at both ends.
 
 The daemon runs as a real subprocess (LISTEN source, no settle delays) against embedded Postgres and
-the test API. With 10,000 rows already embedded, rows are inserted and updated at `--rate` changes a second for `--seconds`; the
-latency of each stored vector is `embedded_at - committed_at`, both stamped by Postgres
+the test API. With 10,000 rows already embedded, rows are inserted and updated at `--rate` changes a
+second for `--seconds`; the latency of each stored vector is `embedded_at - committed_at`, both stamped by Postgres
 (clock_timestamp() in the trigger and in the upsert).
 
     .venv/bin/python bench/freshness.py --rate 50 --seconds 30 --latency-ms 0

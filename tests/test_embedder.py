@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import base64
 import email.utils
 import json
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from embedding_api import EmbeddingAPI, Fault, expected_embedding
+from pgvector import Vector
 from support import API_KEY, DIMENSIONS
 from vector_sync.config import Settings, load_settings
 from vector_sync.embedder import (
@@ -27,6 +29,7 @@ from vector_sync.embedder import (
     parse_embeddings,
     retry_after_seconds,
 )
+from vector_sync.store import vector_binary
 
 
 def settings_for(api: EmbeddingAPI, **overrides: object) -> Settings:
@@ -170,7 +173,8 @@ def test_parse_embeddings_accepts_any_order_and_base64() -> None:
     vectors, tokens = parse_embeddings(
         body({"index": 1, "embedding": packed}, {"index": 0, "embedding": [1, 0.5]}), 2, 2
     )
-    assert vectors == [[1, 0.5], [0.5, -0.25]]
+    assert [vector.tolist() for vector in vectors] == [[1, 0.5], [0.5, -0.25]]
+    assert {vector.typecode for vector in vectors} == {"f"}  # float32, as pgvector stores them
     assert tokens == 3
 
 
@@ -185,6 +189,10 @@ def test_parse_embeddings_accepts_any_order_and_base64() -> None:
         body({"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}),
         body({"index": 0, "embedding": [1.0, "x"]}, {"index": 1, "embedding": [1.0, 2.0]}),
         body({"index": 0, "embedding": [1.0, math.inf]}, {"index": 1, "embedding": [1.0, 2.0]}),
+        body({"index": 0, "embedding": [1.0, 1e300]}, {"index": 1, "embedding": [1.0, 2.0]}),  # not a float32
+        body({"index": 0, "embedding": "AAAA!AAA"}, {"index": 1, "embedding": [1.0, 2.0]}),  # not base64
+        body({"index": 0, "embedding": "AAAAAAA="}, {"index": 1, "embedding": [1.0, 2.0]}),  # 5 bytes
+        body({"index": 0, "embedding": {"x": 1}}, {"index": 1, "embedding": [1.0, 2.0]}),
         b'{"data": [{"index": 0, "embedding": [NaN, 1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]}',
         body({"index": 2, "embedding": [1.0, 2.0]}, {"index": 1, "embedding": [1.0, 2.0]}),
         body({"index": True, "embedding": [1.0, 2.0]}, {"index": 0, "embedding": [1.0, 2.0]}),
@@ -253,3 +261,11 @@ async def test_bisection_keeps_the_vectors_it_paid_for_when_a_later_part_fails()
             _HalfFailing(), ["aa", "bbb", "later", "bad"], lambda index, vector: heard.update({index: vector})
         )
     assert heard == {0: [2.0, 1.0], 1: [3.0, 1.0]}
+
+
+def test_float32_vectors_go_to_the_database_as_pgvector_encodes_them() -> None:
+    components = [0.5, -0.25, 1e-3, 3.0]
+    expected = Vector(components).to_binary()
+    assert vector_binary(array.array("f", components)) == expected
+    assert vector_binary(Vector(components)) == expected
+    assert vector_binary(expected) == expected  # already encoded: handed through

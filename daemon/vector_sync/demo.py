@@ -26,7 +26,7 @@ from vector_sync import logs
 from vector_sync.app import Daemon
 from vector_sync.config import EmbedderName, decode_webhook_secret, load_settings
 from vector_sync.embedded import EmbeddedPostgres, ensure_sample_table
-from vector_sync.embedder import build_embedder
+from vector_sync.embedder import Embedding, build_embedder
 from vector_sync.migrations import migrate
 from vector_sync.sources.webhook import sign
 
@@ -206,7 +206,7 @@ async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return bool((await value) == expected)
 
 
-async def daemon_embed(daemon: Daemon, text: str) -> list[list[float]]:
+async def daemon_embed(daemon: Daemon, text: str) -> list[Embedding]:
     embedder = build_embedder(daemon.settings)
     try:
         return await embedder.embed([text])

@@ -11,15 +11,17 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import binascii
 import email.utils
 import hashlib
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import openai
 import orjson
@@ -27,6 +29,10 @@ from asyncio_throttle.throttler import Throttler
 from loguru import logger
 
 from vector_sync.config import EmbedderName, Settings
+
+# A vector as float32 components ('f'), as the API sends them in base64: 4 bytes a component instead of
+# a Python float's 32, and it reaches the database without a per-component conversion.
+Embedding: TypeAlias = "array.array[float]"
 
 # The API allows 2048 inputs and 300,000 tokens per request (OpenAI embeddings docstring); the batch
 # size setting caps the inputs. No tokenizer (tiktoken downloads its tables at first use, which fails
@@ -59,7 +65,7 @@ class Embedder(Protocol):
     model: str
     dimensions: int
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]: ...
 
     async def close(self) -> None: ...
 
@@ -168,7 +174,7 @@ class OpenAIEmbedder:
     async def close(self) -> None:
         await self._client.close()
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
         last: BaseException | None = None
         for attempt in range(self._policy.attempts):
             try:
@@ -192,7 +198,7 @@ class OpenAIEmbedder:
                     await asyncio.sleep(delay)
         raise TransientEmbeddingError(_describe(last) if last else "no attempt made")
 
-    async def _request(self, texts: Sequence[str]) -> list[list[float]]:
+    async def _request(self, texts: Sequence[str]) -> list[Embedding]:
         options: dict[str, object] = {"model": self.model, "input": list(texts), "encoding_format": self._format}
         if self._send_dimensions:
             options["dimensions"] = self.dimensions
@@ -209,7 +215,7 @@ class OpenAIEmbedder:
         return vectors
 
 
-def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[list[float]], int]:
+def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[Embedding], int]:
     """An embeddings response → vectors in input order and the tokens used; ValueError if malformed.
 
     Servers that ignore `encoding_format` and answer base64 (little-endian float32) are read too.
@@ -220,27 +226,19 @@ def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[lis
         raise ValueError(f"the API answered with a body that is not JSON: {exc}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError("the API answered without a data list")
-    vectors: list[list[float] | None] = [None] * count
+    vectors: list[Embedding | None] = [None] * count
     for item in payload["data"]:
         index = item.get("index") if isinstance(item, dict) else None
         if type(index) is not int or not 0 <= index < count or vectors[index] is not None:
             raise ValueError("the API answered with a bad or repeated index")
-        embedding = item.get("embedding")
-        if isinstance(embedding, str):
-            embedding = array.array("f", base64.b64decode(embedding)).tolist()
-        if not isinstance(embedding, list):
-            raise ValueError("the API answered without a vector")
+        embedding = _as_embedding(item.get("embedding"))
         if len(embedding) != dimensions:
             raise WrongDimensions(
                 f"the API returns {len(embedding)}-dimensional vectors; "
                 f"VECTOR_SYNC_EMBEDDING_DIMENSIONS is {dimensions}"
             )
-        try:
-            # One C-level pass: a NaN, an infinity or a non-number anywhere spoils the sum.
-            finite = math.isfinite(sum(embedding))
-        except TypeError:
-            finite = False
-        if not finite:
+        # One pass: a NaN or an infinity anywhere (a number too large for float32 becomes one) spoils the sum.
+        if not math.isfinite(sum(embedding)):
             raise ValueError("the API answered with a value that is not a finite number")
         vectors[index] = embedding
     if any(vector is None for vector in vectors):
@@ -248,6 +246,23 @@ def parse_embeddings(body: bytes, count: int, dimensions: int) -> tuple[list[lis
     usage = payload.get("usage")
     tokens = usage.get("total_tokens", 0) if isinstance(usage, dict) else 0
     return [vector for vector in vectors if vector is not None], tokens if isinstance(tokens, int) else 0
+
+
+def _as_embedding(value: object) -> Embedding:
+    """A vector from the wire: base64 of little-endian float32, or a JSON list of numbers."""
+    vector: Embedding = array.array("f")
+    try:
+        if isinstance(value, str):
+            vector.frombytes(base64.b64decode(value, validate=True))
+            if sys.byteorder != "little":
+                vector.byteswap()
+        elif isinstance(value, list):
+            vector.fromlist(value)
+        else:
+            raise ValueError("the API answered without a vector")
+    except (TypeError, OverflowError, binascii.Error):
+        raise ValueError("the API answered with a vector that is not a list of numbers") from None
+    return vector
 
 
 def _describe(exc: BaseException) -> str:
@@ -270,12 +285,12 @@ class HashEmbedder:
     async def close(self) -> None:
         return None
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
         self.stats.requests += 1
         self.stats.inputs += len(texts)
         return [self.vector(text) for text in texts]
 
-    def vector(self, text: str) -> list[float]:
+    def vector(self, text: str) -> Embedding:
         values = [0.0] * self.dimensions
         words = re.findall(r"\w+", text.lower()) or [""]
         for word in words:
@@ -283,7 +298,7 @@ class HashEmbedder:
             bucket = int.from_bytes(digest[:4], "little") % self.dimensions
             values[bucket] += 1.0 if digest[4] & 1 else -1.0
         norm = math.sqrt(sum(value * value for value in values)) or 1.0
-        return [value / norm for value in values]
+        return array.array("f", [value / norm for value in values])
 
 
 def build_embedder(settings: Settings, stats: EmbedStats | None = None) -> Embedder:
@@ -303,12 +318,12 @@ class Refused:
 class Isolated:
     """What `embed_isolating` got back, one entry per text, and how many requests it took."""
 
-    results: list[list[float] | Refused]
+    results: list[Embedding | Refused]
     requests: int
 
 
 async def embed_isolating(
-    embedder: Embedder, texts: Sequence[str], on_vector: Callable[[int, list[float]], None] | None = None
+    embedder: Embedder, texts: Sequence[str], on_vector: Callable[[int, Embedding], None] | None = None
 ) -> Isolated:
     """Embed `texts`; when the API refuses the request, bisect to find the inputs it refuses.
 

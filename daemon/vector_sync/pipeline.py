@@ -21,6 +21,7 @@ from loguru import logger
 from vector_sync.aio import wait_or_stop
 from vector_sync.embedder import (
     Embedder,
+    Embedding,
     EmbeddingUnavailable,
     Refused,
     TransientEmbeddingError,
@@ -32,6 +33,10 @@ from vector_sync.scheduler import Due, Scheduler
 from vector_sync.store import DATABASE_UNAVAILABLE, DeadLetter, RowState, Store, VectorWrite
 
 LINGER_SECONDS = 0.005
+# Pacing never holds a partial batch back longer than this, however slow the API gets.
+MAX_PACING_SECONDS = 0.5
+# Weight of the newest batch in the moving average of how long a batch holds its slot.
+HOLD_SMOOTHING = 0.3
 PAUSE_FIRST = 30.0
 PAUSE_MAX = 600.0
 VECTOR_CACHE_SIZE = 4096
@@ -107,9 +112,12 @@ class Pipeline:
         self._embedder = embedder
         self._metrics = metrics
         self._batch_size = batch_size
+        self._max_concurrent_batches = max_concurrent_batches
         self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._hold_seconds = 0.0
+        self._last_dispatch = -1e9
         self._tasks: set[asyncio.Task[None]] = set()
-        self._vectors: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, str], Embedding] = OrderedDict()
         self._paused_until = 0.0
         self._pause_length = PAUSE_FIRST
         self._last_pause_log = -1e9
@@ -132,15 +140,28 @@ class Pipeline:
                 break
             if not await self._acquire_slot(stop):
                 break
-            if self._scheduler.next_due_in() == 0.0 and self._scheduler.pending_count < self._batch_size:
-                await asyncio.sleep(LINGER_SECONDS)  # let a burst fill the batch
-            dues = self._scheduler.take_due(self._batch_size)
+            if self._scheduler.pending_count < self._batch_size:
+                await wait_or_stop(stop, self._pacing_delay())
+            dues = [] if stop.is_set() else self._scheduler.take_due(self._batch_size)
             if not dues:
                 self._slots.release()
                 continue
+            self._last_dispatch = time.monotonic()
             task = asyncio.create_task(self._process_guarded(_Batch(self._scheduler, dues)), name="vector-sync-batch")
             self._tasks.add(task)
             task.add_done_callback(self._batch_finished)
+
+    def _pacing_delay(self) -> float:
+        """How long a partial batch waits, holding its slot, before it goes out.
+
+        Slots freed together would otherwise go out together, one with the backlog and the rest with a
+        change or two each, and the next changes wait a whole request for a slot. Spacing dispatches by
+        a slot's share of the time a batch takes keeps them evenly spread, so a change waits at most
+        that share before it goes. A full batch, or a first batch after a quiet spell, goes at once
+        (after a few milliseconds for a burst to fill it).
+        """
+        spacing = min(MAX_PACING_SECONDS, self._hold_seconds / self._max_concurrent_batches)
+        return max(LINGER_SECONDS, self._last_dispatch + spacing - time.monotonic())
 
     async def _acquire_slot(self, stop: asyncio.Event) -> bool:
         """A batch slot, or False when `stop` comes first (no batch may start after stop)."""
@@ -173,6 +194,7 @@ class Pipeline:
         return len(unfinished)
 
     async def _process_guarded(self, batch: _Batch) -> None:
+        started = time.monotonic()
         try:
             await self._process(batch)
         except asyncio.CancelledError:
@@ -181,6 +203,8 @@ class Pipeline:
             # A bug must not strand ids in flight: what is not settled yet goes back, loudly.
             logger.exception("batch of {rows} rows failed unexpectedly; retrying later", rows=batch.report.rows)
             batch.defer(batch.unsettled(), "unexpected error")
+        held = time.monotonic() - started
+        self._hold_seconds += HOLD_SMOOTHING * (held - self._hold_seconds)
 
     async def _process(self, batch: _Batch) -> None:
         started = time.monotonic()
@@ -229,13 +253,13 @@ class Pipeline:
         await self._write(batch, writes)
         self._log(report, started)
 
-    async def _embed(self, batch: _Batch, to_embed: list[tuple[Due, RowState]]) -> dict[str, list[float]]:
+    async def _embed(self, batch: _Batch, to_embed: list[tuple[Due, RowState]]) -> dict[str, Embedding]:
         """Vectors by text hash for `to_embed`; refused rows are dead-lettered, failed ones deferred."""
         model = self._embedder.model
         by_sha: dict[str, list[tuple[Due, RowState]]] = {}
         for due, row in to_embed:
             by_sha.setdefault(row.sha256, []).append((due, row))
-        vectors: dict[str, list[float]] = {}
+        vectors: dict[str, Embedding] = {}
         missing: list[str] = []
         for sha in by_sha:
             cached = self._vectors.get((model, sha))
@@ -247,7 +271,7 @@ class Pipeline:
         for group in chunk_for_requests(texts, self._batch_size):
             shas = [missing[index] for index in group]
 
-            def remember(index: int, vector: list[float], shas: list[str] = shas) -> None:
+            def remember(index: int, vector: Embedding, shas: list[str] = shas) -> None:
                 self._remember(model, shas[index], vector)
 
             try:
@@ -329,7 +353,7 @@ class Pipeline:
             )
         self._pause_length = min(PAUSE_MAX, self._pause_length * 2)
 
-    def _remember(self, model: str, sha: str, vector: list[float]) -> None:
+    def _remember(self, model: str, sha: str, vector: Embedding) -> None:
         self._vectors[(model, sha)] = vector
         self._vectors.move_to_end((model, sha))
         while len(self._vectors) > VECTOR_CACHE_SIZE:

@@ -6,8 +6,11 @@ text and are cast to the id column's type in SQL, so one code path serves uuid, 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import hashlib
+import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from pgvector import HalfVector, Vector
 from pgvector.asyncpg import register_vector
 
 from vector_sync.config import Settings
+from vector_sync.embedder import Embedding
 from vector_sync.events import ProjectId
 from vector_sync.migrations import Catalog, quote_ident, quote_table, uses_halfvec
 
@@ -47,6 +51,22 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def vector_binary(value: bytes | Embedding | Vector) -> bytes:
+    """pgvector's binary input: dimensions and a reserved zero (uint16 each), then big-endian float32.
+
+    Bytes are taken as already encoded: asyncpg would read an array of floats inside a `vector[]`
+    parameter as one more array dimension, so `Store` encodes before handing vectors over.
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, Vector):
+        return value.to_binary()
+    components = array.array("f", value)
+    if sys.byteorder == "little":
+        components.byteswap()
+    return struct.pack(">HH", len(components), 0) + components.tobytes()
+
+
 @dataclass(frozen=True, slots=True)
 class RowState:
     """One source row as read for embedding, with what is stored for it."""
@@ -69,7 +89,7 @@ class VectorWrite:
     project_id: ProjectId
     version: int
     sha256: str
-    embedding: list[float] | None
+    embedding: Embedding | None
     committed_at: float | None = None
 
 
@@ -237,6 +257,14 @@ class Store:
     async def connect(settings: Settings, catalog: Catalog, *, min_size: int = 1) -> Store:
         async def init(conn: asyncpg.Connection) -> None:
             await register_vector(conn, schema=catalog.vector_schema)
+            # Ours for `vector`: float32 arrays go to the wire as they are, not through a Python list.
+            await conn.set_type_codec(
+                "vector",
+                schema=catalog.vector_schema,
+                encoder=vector_binary,
+                decoder=Vector.from_binary,
+                format="binary",
+            )
 
         assert settings.database_url is not None
         pool = await asyncpg.create_pool(
@@ -287,22 +315,22 @@ class Store:
             return await self._write_once(writes)
 
     async def _write_once(self, writes: Sequence[VectorWrite]) -> dict[ProjectId, int]:
-        vectors = [write for write in writes if write.embedding is not None]
+        vectors = [(write, write.embedding) for write in writes if write.embedding is not None]
         moves = [write for write in writes if write.embedding is None]
         applied: dict[ProjectId, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():
             if vectors:
                 rows = await conn.fetch(
                     self._upsert,
-                    [write.project_id for write in vectors],
-                    [write.version for write in vectors],
-                    [write.sha256 for write in vectors],
-                    [self._vector(write.embedding) for write in vectors],
+                    [write.project_id for write, _ in vectors],
+                    [write.version for write, _ in vectors],
+                    [write.sha256 for write, _ in vectors],
+                    [self._vector(embedding) for _, embedding in vectors],
                     self.model,
-                    [write.committed_at for write in vectors],
+                    [write.committed_at for write, _ in vectors],
                 )
                 applied.update((ProjectId(row[0]), row[1]) for row in rows)
-                await conn.execute(self._clear_dead, [write.project_id for write in vectors])
+                await conn.execute(self._clear_dead, [write.project_id for write, _ in vectors])
             if moves:
                 rows = await conn.fetch(
                     self._move_versions,
@@ -315,8 +343,8 @@ class Store:
                 applied.update((ProjectId(row[0]), row[1]) for row in rows)
         return applied
 
-    def _vector(self, embedding: list[float] | None) -> Any:
-        return HalfVector(embedding) if self._halfvec else Vector(embedding)
+    def _vector(self, embedding: Embedding) -> Any:
+        return HalfVector(embedding.tolist()) if self._halfvec else vector_binary(embedding)
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         await self.pool.execute(
@@ -433,7 +461,7 @@ class Store:
             deliveries=deliveries,
         )
 
-    async def search(self, embedding: list[float], limit: int, min_similarity: float = 0.0) -> list[SearchHit]:
+    async def search(self, embedding: Embedding, limit: int, min_similarity: float = 0.0) -> list[SearchHit]:
         rows = await self.pool.fetch(self._search, self._vector(embedding), limit, min_similarity)
         return [
             SearchHit(
