@@ -191,6 +191,20 @@ def test_take_due_is_earliest_due_first_and_bounded(scheduler: Scheduler, clock:
     assert taken(scheduler, 2) == [("insert", 1)]
 
 
+def test_ids_due_within_the_horizon_join_the_batch(clock: Clock) -> None:
+    scheduler = Scheduler(insert_delay=2, update_delay=2, max_pending=10, clock=clock)
+    start = clock.now
+    scheduler.offer(event("first", 1))  # due at +2.00
+    clock.now += 0.03
+    scheduler.offer(event("soon", 1))  # due at +2.03
+    clock.now += 0.5
+    scheduler.offer(event("later", 1))  # due at +2.53
+    clock.now = start + 2.0
+    assert [(due.project_id, due.target) for due in scheduler.take_due(10, horizon=0.05)] == [("first", 1), ("soon", 1)]
+    assert scheduler.take_due(10, horizon=0.05) == []  # "later" is half a second off: it waits its turn
+    assert scheduler.next_due_in() == pytest.approx(0.53)
+
+
 def test_the_done_cache_is_bounded(clock: Clock) -> None:
     scheduler = Scheduler(insert_delay=0, update_delay=0, max_pending=10, clock=clock, done_cache_size=3)
     for index in range(6):

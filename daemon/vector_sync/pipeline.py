@@ -33,6 +33,10 @@ from vector_sync.scheduler import Due, Scheduler
 from vector_sync.store import DATABASE_UNAVAILABLE, DeadLetter, RowState, Store, VectorWrite
 
 LINGER_SECONDS = 0.005
+# Ids due this soon join a batch that goes out anyway: a burst offered over a few tens of milliseconds
+# (one commit's notifications, a train of Realtime frames) then goes in full batches, not one per arrival.
+# Against settle delays of seconds, taking an id this much early changes nothing.
+BATCH_HORIZON_SECONDS = 0.05
 # Pacing never holds a partial batch back longer than this, however slow the API gets.
 MAX_PACING_SECONDS = 0.5
 # Weight of the newest batch in the moving average of how long a batch holds its slot.
@@ -142,7 +146,7 @@ class Pipeline:
                 break
             if self._scheduler.pending_count < self._batch_size:
                 await wait_or_stop(stop, self._pacing_delay())
-            dues = [] if stop.is_set() else self._scheduler.take_due(self._batch_size)
+            dues = [] if stop.is_set() else self._scheduler.take_due(self._batch_size, BATCH_HORIZON_SECONDS)
             if not dues:
                 self._slots.release()
                 continue

@@ -209,8 +209,8 @@ class Scheduler:
 
     # --- hand-off to the pipeline ------------------------------------------------------------
 
-    def take_due(self, limit: int) -> list[Due]:
-        """Move up to `limit` due ids to in flight, oldest due first."""
+    def take_due(self, limit: int, horizon: float = 0.0) -> list[Due]:
+        """Move up to `limit` ids due now, or within `horizon` seconds, to in flight, oldest due first."""
         now = self._clock()
         taken: list[Due] = []
         while self._heap and len(taken) < limit:
@@ -219,7 +219,7 @@ class Scheduler:
             if pending is None or pending.due != due:
                 heapq.heappop(self._heap)  # stale heap entry: cancelled or rescheduled
                 continue
-            if due > now:
+            if due > now + horizon:
                 break
             heapq.heappop(self._heap)
             del self._pending[key]
