@@ -32,7 +32,7 @@ from vector_sync.sdnotify import Notifier
 from vector_sync.sources.listen import CHANNEL, PENDING_CHANNEL, ListenSource, PgListener
 from vector_sync.sources.realtime import RealtimeSource, RealtimeStatus
 from vector_sync.sources.webhook import WebhookReceiver
-from vector_sync.store import DATABASE_ERRORS, DATABASE_UNAVAILABLE, Store
+from vector_sync.store import DATABASE_ERRORS, DATABASE_UNAVAILABLE, Store, vector_dimensions
 from vector_sync.web import HttpServer
 
 READINESS_QUERY_TIMEOUT = 2.0
@@ -97,11 +97,7 @@ async def load_catalog(
     try:
         catalog = await read_catalog(conn, settings)
         behind = await pending_migrations(conn, settings, catalog)
-        # vector(n) and halfvec(n) keep n as the column's type modifier.
-        dimensions = await conn.fetchval(
-            "select nullif(atttypmod, -1) from pg_attribute"
-            " where attrelid = to_regclass('vector_sync.project_embeddings') and attname = 'embedding'"
-        )
+        dimensions = await vector_dimensions(conn)
     except SchemaError as exc:
         raise FatalError(str(exc)) from exc
     finally:

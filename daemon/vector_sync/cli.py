@@ -359,12 +359,12 @@ async def _status(store: Store, _catalog: Catalog) -> int:
             "-" if status.oldest_stale_seconds is None else f"{status.oldest_stale_seconds:.0f}s",
         ),
     ]
-    deliveries = status.deliveries
+    webhooks = status.webhook_summary()
     rows += [
-        ("webhooks delivered", deliveries.get("delivered", 0)),
-        ("webhooks retrying", sum(deliveries.get(state, 0) for state in ("pending", "in_flight", "retry_wait"))),
-        ("webhooks exhausted", deliveries.get("exhausted", 0)),
-        ("changes not sent", deliveries.get("unsent", 0)),
+        ("webhooks delivered", webhooks["delivered"]),
+        ("webhooks retrying", webhooks["retrying"]),
+        ("webhooks exhausted", webhooks["exhausted"]),
+        ("changes not sent", webhooks["not_sent"]),
     ]
     for name, value in rows:
         print(f"{name:<20}{value:>12}")
@@ -424,6 +424,13 @@ def cmd_webhook_configure(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     settings = _settings()
     return asyncio.run(_with_store(settings, lambda store, _c: _search(settings, store, args.text, args.limit)))
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs the MCP SDK (and uvicorn).
+    from vector_sync.mcp_server import serve
+
+    return serve(_settings(), http=args.http, host=args.host, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -523,6 +530,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("text", metavar="TEXT")
     search.add_argument("--limit", type=int, default=10, help="how many results (default: %(default)s)")
+    mcp = add(
+        "mcp",
+        "serve semantic search over the projects to MCP clients (read-only): stdio, or HTTP with --http",
+        cmd_mcp,
+        CONNECTION_VARS
+        + TABLE_VARS
+        + EMBEDDING_VARS
+        + ["pool_size", "VECTOR_SYNC_MCP_TOKEN", "log_level", "log_format"],
+    )
+    mcp.add_argument(
+        "--http",
+        action="store_true",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio; every request needs "
+        "Authorization: Bearer $VECTOR_SYNC_MCP_TOKEN, and it refuses to start without that variable",
+    )
+    mcp.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default: %(default)s)")
+    mcp.add_argument("--port", type=int, default=8766, help="port to listen on with --http (default: %(default)s)")
     demo = add(
         "demo",
         "embedded Postgres + sample projects + the daemon, end to end; no account needed",

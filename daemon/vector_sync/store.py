@@ -13,7 +13,8 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import asyncpg
 from pgvector import HalfVector, Vector
@@ -67,6 +68,16 @@ def vector_binary(value: bytes | Embedding | Vector) -> bytes:
     return struct.pack(">HH", len(components), 0) + components.tobytes()
 
 
+async def vector_dimensions(db: asyncpg.Connection | asyncpg.Pool) -> int | None:
+    """The size of the stored vectors: the embedding column's type modifier (None if it has none);
+    vector(n) and halfvec(n) keep n there."""
+    value: int | None = await db.fetchval(
+        "select nullif(atttypmod, -1) from pg_attribute"
+        " where attrelid = to_regclass('vector_sync.project_embeddings') and attname = 'embedding'"
+    )
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RowState:
     """One source row as read for embedding, with what is stored for it."""
@@ -113,12 +124,47 @@ class Status:
     oldest_stale_seconds: float | None
     deliveries: dict[str, int]  # webhook_logs by status: delivered, retrying, exhausted, ...
 
+    def webhook_summary(self) -> dict[str, int]:
+        """The change log's delivery states as `vector-sync status` reports them."""
+        in_delivery = ("pending", "in_flight", "retry_wait")
+        return {
+            "delivered": self.deliveries.get("delivered", 0),
+            "retrying": sum(self.deliveries.get(state, 0) for state in in_delivery),
+            "exhausted": self.deliveries.get("exhausted", 0),
+            "not_sent": self.deliveries.get("unsent", 0),
+        }
+
+
+EmbeddingStatus = Literal["current", "stale", "missing"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRow:
+    """A source row's content columns, and what is stored for it (the vector fields are None when
+    no vector is stored)."""
+
+    project_id: str
+    content: tuple[str | None, ...]  # the content columns, in the configured order
+    version: int
+    vector_version: int | None
+    vector_model: str | None
+    embedded_at: datetime | None
+    vector_age_seconds: float | None
+
+    def embedding_status(self, model: str) -> EmbeddingStatus:
+        """`current` when the vector is of the row's version and `model`; else `stale` (behind, or
+        another model's: the drift pass re-embeds both), or `missing`. As `status()` counts them."""
+        if self.vector_version is None:
+            return "missing"
+        return "current" if self.vector_version == self.version and self.vector_model == model else "stale"
+
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
     project_id: str
     similarity: float
     text: str
+    row: ProjectRow
 
 
 class Store:
@@ -246,15 +292,33 @@ class Store:
                            filter (where e.version < t.version or e.model <> $1))::float8 as oldest
               from {table} t left join vector_sync.project_embeddings e on e.project_id = t.{ident}
         """
+        # `ProjectRow` columns first (see `_project_row`), then anything else.
+        stored = "e.version, e.model, e.embedded_at, extract(epoch from now() - e.embedded_at)::float8"
         self._search = f"""
-            select m.id::text, m.similarity, {columns}
+            select m.id::text, t.version, {stored}, {columns}, m.similarity
               from public.match_projects($1::{vector_schema}.{array_type.removesuffix("[]")}, $2, $3) m
               join {table} t on t.{ident} = m.id
+              join vector_sync.project_embeddings e on e.project_id = m.id
              order by m.similarity desc
+        """
+        self._project = f"""
+            select t.{ident}::text, t.version, {stored}, {columns}
+              from {table} t left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+             where t.{ident} = $1::text::{id_type}
         """
 
     @staticmethod
-    async def connect(settings: Settings, catalog: Catalog, *, min_size: int = 1) -> Store:
+    async def connect(
+        settings: Settings,
+        catalog: Catalog,
+        *,
+        min_size: int = 1,
+        read_only: bool = False,
+        application_name: str = "vector-sync",
+    ) -> Store:
+        """A store on a new pool. `read_only` starts every session with `default_transaction_read_only`,
+        so the server refuses any write through this store, whatever a caller attempts."""
+
         async def init(conn: asyncpg.Connection) -> None:
             await register_vector(conn, schema=catalog.vector_schema)
             # Ours for `vector`: float32 arrays go to the wire as they are, not through a Python list.
@@ -266,6 +330,9 @@ class Store:
                 format="binary",
             )
 
+        server_settings = {"application_name": application_name}
+        if read_only:
+            server_settings["default_transaction_read_only"] = "on"
         assert settings.database_url is not None
         pool = await asyncpg.create_pool(
             settings.database_url.get_secret_value(),
@@ -274,7 +341,7 @@ class Store:
             init=init,
             # Idle connections are closed so an idle daemon holds (and pings) as little as possible.
             max_inactive_connection_lifetime=300,
-            server_settings={"application_name": "vector-sync"},
+            server_settings=server_settings,
         )
         return Store(pool, settings, catalog)
 
@@ -462,12 +529,29 @@ class Store:
         )
 
     async def search(self, embedding: Embedding, limit: int, min_similarity: float = 0.0) -> list[SearchHit]:
+        """The nearest rows through `public.match_projects` (the caller's row level security holds)."""
         rows = await self.pool.fetch(self._search, self._vector(embedding), limit, min_similarity)
-        return [
-            SearchHit(
-                project_id=row[0],
-                similarity=row[1],
-                text=content_text([row[2 + index] for index in range(self._content_count)]),
-            )
-            for row in rows
-        ]
+        hits = []
+        for row in rows:
+            project = self._project_row(row)
+            hits.append(SearchHit(project.project_id, row[-1], content_text(project.content), project))
+        return hits
+
+    async def read_project(self, key: ProjectId) -> ProjectRow | None:
+        """One source row with its stored vector's version and age; None when no such row is visible."""
+        row = await self.pool.fetchrow(self._project, key)
+        return None if row is None else self._project_row(row)
+
+    async def vector_dimensions(self) -> int | None:
+        return await vector_dimensions(self.pool)
+
+    def _project_row(self, row: asyncpg.Record) -> ProjectRow:
+        return ProjectRow(
+            project_id=row[0],
+            version=row[1],
+            vector_version=row[2],
+            vector_model=row[3],
+            embedded_at=row[4],
+            vector_age_seconds=row[5],
+            content=tuple(row[6 + index] for index in range(self._content_count)),
+        )
