@@ -8,6 +8,7 @@ the rest is cancelled and counted (the next start's drift pass picks it up) → 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -282,6 +283,9 @@ class Daemon:
         tasks = self._spawn()
         self._tasks = tasks
         self.started.set()
+        # What start-up loaded (modules, clients, settings) lives as long as the process: out of the
+        # collector's sight, a full collection no longer walks it (50-80 ms pauses under webhook load).
+        gc.freeze()
         self._sources_changed()
         outcome = await self._supervise(tasks, stop, lease.lost)
         if outcome is Outcome.LEASE_LOST:

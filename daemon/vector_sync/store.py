@@ -257,7 +257,9 @@ class Store:
         """
         self._drift_next = f"""
             select t.{ident}::text, t.version from {table} t
-              left join vector_sync.project_embeddings e on e.project_id = t.{ident}
+              -- The bound on e too: without it the merge join reads every vector before the page again.
+              left join vector_sync.project_embeddings e
+                     on e.project_id = t.{ident} and e.project_id > $3::text::{id_type}
              where t.{ident} > $3::text::{id_type} and {stale}
              order by t.{ident} limit $2
         """
