@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from vector_sync.events import ChangeEvent, Op, ProjectId, Source
-from vector_sync.scheduler import Due, Offer, Scheduler
+from vector_sync.scheduler import SETTLE_CAP, Due, Offer, Scheduler
 
 
 class Clock:
@@ -83,6 +83,46 @@ def test_a_newer_version_while_pending_keeps_the_earlier_due_time(scheduler: Sch
     assert taken(scheduler) == [("a", 21)]
 
 
+def test_a_burst_of_edits_settles_after_its_last_edit(clock: Clock) -> None:
+    scheduler = Scheduler(insert_delay=20, update_delay=2, max_pending=5, clock=clock)
+    start = clock.now
+    for version in range(1, 5):  # four edits half a second apart
+        scheduler.offer(event("a", version))
+        clock.now += 0.5
+    assert scheduler.next_due_in() == pytest.approx(start + 1.5 + 2 - clock.now)  # 2 s after the last edit
+    clock.now = start + 3.4
+    assert taken(scheduler) == []
+    clock.now = start + 3.5
+    assert taken(scheduler) == [("a", 4)]  # once, at the last version
+
+
+def test_a_row_edited_without_pause_is_still_embedded(clock: Clock) -> None:
+    scheduler = Scheduler(insert_delay=20, update_delay=2, max_pending=5, clock=clock)
+    start = clock.now
+    version = 1
+    scheduler.offer(event("a", version))
+    while not (dues := taken(scheduler)):
+        clock.now += 1
+        version += 1
+        scheduler.offer(event("a", version))
+    assert clock.now - start == pytest.approx(SETTLE_CAP * 2)  # held at most SETTLE_CAP settle delays
+    assert dues == [("a", version)]
+
+
+def test_an_edit_during_embedding_settles_before_it_goes_again(clock: Clock) -> None:
+    scheduler = Scheduler(insert_delay=20, update_delay=2, max_pending=5, clock=clock)
+    scheduler.offer(event("a", 1))
+    clock.now += 2
+    assert taken(scheduler) == [("a", 1)]
+    clock.now += 0.5
+    scheduler.offer(event("a", 2))  # arrives while version 1 is being embedded
+    clock.now += 0.5
+    finish(scheduler, "a", 1)
+    assert taken(scheduler) == []  # not at once: version 2 settles first
+    clock.now += 1.5
+    assert taken(scheduler) == [("a", 2)]
+
+
 def test_delete_keeps_what_is_pending_and_forgets_the_version(scheduler: Scheduler, clock: Clock) -> None:
     scheduler.offer(event("a", 5, Op.INSERT))
     assert scheduler.offer(event("a", None, Op.DELETE)) is Offer.CANCELLED
@@ -102,13 +142,17 @@ def test_a_late_delete_does_not_cancel_the_insert_of_a_row_inserted_again(schedu
     assert taken(scheduler) == [("a", 1)]
 
 
-def test_a_late_delete_while_in_flight_keeps_the_newer_version_it_follows(scheduler: Scheduler) -> None:
+def test_a_late_delete_while_in_flight_keeps_the_newer_version_it_follows(
+    scheduler: Scheduler, clock: Clock
+) -> None:
     scheduler.offer(event("a", 5))
     assert taken(scheduler) == [("a", 5)]
     scheduler.offer(event("a", None, Op.DELETE))
     scheduler.offer(event("a", 1, Op.INSERT))  # the row inserted again
     scheduler.offer(event("a", None, Op.DELETE))  # the first delete, delivered twice
     finish(scheduler, "a", None)  # the old life's write was refused
+    assert taken(scheduler) == []  # the new life's INSERT settles first
+    clock.now += 20
     assert taken(scheduler) == [("a", 1)]
 
 

@@ -26,6 +26,11 @@ Clock = Callable[[], float]
 # duplicates of a cached "done" version (which may be wrong after a delete and re-insert).
 AUTHORITATIVE_SOURCES = frozenset({Source.DRIFT})
 
+# A row edited again while it settles waits a settle delay after its latest edit, so a burst of edits is
+# embedded once, after the burst; but never longer than this many settle delays after its first edit,
+# so a row edited without pause is still embedded now and then.
+SETTLE_CAP = 5
+
 
 class Offer(StrEnum):
     ACCEPTED = "accepted"
@@ -50,6 +55,7 @@ class _InFlight:
     token: int
     attempt: int = 0
     newer: int | None = None  # a newer version arrived while embedding: run again after
+    newer_due: float = 0.0  # ... once that version has settled
     deleted: bool = False  # deleted while embedding: whatever this batch stores is already gone
 
 
@@ -142,11 +148,15 @@ class Scheduler:
         authoritative = event.source in AUTHORITATIVE_SOURCES
         flight = self._in_flight.get(key)
         if flight is not None:
-            return self._offer_in_flight(flight, version, authoritative)
+            offer = self._offer_in_flight(flight, version, authoritative)
+            if offer is Offer.ACCEPTED:
+                flight.newer_due = self._clock() + self._delay(event)
+            return offer
         pending = self._pending.get(key)
         if pending is not None:
             if version > pending.target:
-                pending.target = version  # keep the earlier due time: no starvation under edits
+                pending.target = version
+                self._settle_again(key, pending, self._delay(event))
                 return Offer.ACCEPTED
             return Offer.DUPLICATE
         done = self._done.get(key)
@@ -155,11 +165,21 @@ class Scheduler:
             return Offer.DUPLICATE
         if not self.has_room:
             return self._refuse_for_room()
-        delay = self._insert_delay if event.op is Op.INSERT else self._update_delay
-        if authoritative:
-            delay = 0.0  # the change is already old
-        self._add_pending(key, _Pending(version, self._clock() + delay, event.committed_at))
+        self._add_pending(key, _Pending(version, self._clock() + self._delay(event), event.committed_at))
         return Offer.ACCEPTED
+
+    def _delay(self, event: ChangeEvent) -> float:
+        if event.source in AUTHORITATIVE_SOURCES:
+            return 0.0  # the change is already old
+        return self._insert_delay if event.op is Op.INSERT else self._update_delay
+
+    def _settle_again(self, key: ProjectId, pending: _Pending, delay: float) -> None:
+        """Move `pending`'s due time to a settle delay after now, within SETTLE_CAP delays of its start."""
+        settled = min(self._clock() + delay, pending.since + SETTLE_CAP * delay)
+        if settled > pending.due:
+            pending.due = settled
+            self._sequence += 1
+            heapq.heappush(self._heap, (settled, self._sequence, key))  # the earlier entry is now stale
 
     def _offer_delete(self, key: ProjectId) -> Offer:
         # A delete carries no order against a re-insert (whose versions start again at 1): a late
@@ -267,7 +287,7 @@ class Scheduler:
             return
         key = due.project_id
         if flight.newer is not None:
-            self._add_pending(key, _Pending(flight.newer, self._clock(), flight.committed_at))
+            self._add_pending(key, _Pending(flight.newer, max(self._clock(), flight.newer_due), flight.committed_at))
             return
         if stored_version is None or flight.deleted:
             self._done.pop(key, None)
