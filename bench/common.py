@@ -84,7 +84,9 @@ async def daemon(dsn: str, api_url: str, batch: int, **settings: str) -> AsyncIt
         "VECTOR_SYNC_HTTP_HOST": "127.0.0.1",
         "VECTOR_SYNC_HTTP_PORT": "0",
         "VECTOR_SYNC_LOG_LEVEL": os.environ.get("VECTOR_SYNC_LOG_LEVEL", "WARNING"),
-        "VECTOR_SYNC_ENCODING_FORMAT": os.environ.get("VECTOR_SYNC_ENCODING_FORMAT", "float"),
+        # base64 unless told otherwise: the daemon's best setting (its own default is float, because some
+        # OpenAI-compatible servers mishandle base64). pgai 0.12.1 always asks for float.
+        "VECTOR_SYNC_ENCODING_FORMAT": os.environ.get("VECTOR_SYNC_ENCODING_FORMAT", "base64"),
         **settings,
     }
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "vector_sync", "run", env=env)
@@ -145,3 +147,294 @@ async def fresh_database(admin: str, name: str, *, hnsw: bool = True) -> str:
 
 def texts(count: int, round_: int) -> list[tuple[str, str]]:
     return [(f"project {i}", f"description {i} revision {round_} " + "lorem ipsum " * 20) for i in range(count)]
+
+
+async def plain_database(admin: str, name: str) -> str:
+    """A new database with only the projects table: no vector_sync schema or triggers, for a peer tool."""
+    conn = await asyncpg.connect(admin)
+    try:
+        # `with (force)`: a worker of an earlier, aborted run may still hold a connection.
+        await conn.execute(f"drop database if exists {name} with (force)")
+        await conn.execute(f"create database {name}")
+    finally:
+        await conn.close()
+    dsn = admin.replace("/postgres?", f"/{name}?", 1)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(TABLE_SQL)
+    finally:
+        await conn.close()
+    return dsn
+
+
+# One SQL statement with its asyncpg arguments; a transaction is a list of them.
+Statement = tuple[str, tuple[object, ...]]
+STARS_ONLY_SHARE = 0.3
+
+
+def efficiency_workload(rows: int, edits: int, seed: int = 0) -> list[list[Statement]]:
+    """The API-efficiency burst, identical for every tool: `edits` updates of each of the rows 1..rows.
+
+    Exactly 30 % of the updates touch only `stars` (not embedded), the others give the description a new
+    text. Rows are edited in a seeded random order, interleaved as concurrent users would, one statement
+    per transaction (autocommit edits from an application). Expects the rows of `texts(rows, 0)` with ids
+    1..rows, i.e. inserted in order into a fresh table.
+    """
+    import random
+
+    rng = random.Random(seed)
+    order = [row_id for row_id in range(1, rows + 1) for _ in range(edits)]
+    rng.shuffle(order)
+    stars_only = set(rng.sample(range(len(order)), round(len(order) * STARS_ONLY_SHARE)))
+    edited = [0] * (rows + 1)
+    workload: list[list[Statement]] = []
+    for position, row_id in enumerate(order):
+        if position in stars_only:
+            workload.append([("update projects set stars = stars + 1 where id = $1", (row_id,))])
+            continue
+        edited[row_id] += 1
+        # Same shape and length as `texts`, and never a text the row had before.
+        text = f"description {row_id - 1} edit {edited[row_id]} " + "lorem ipsum " * 20
+        workload.append([("update projects set description = $2 where id = $1", (row_id, text))])
+    return workload
+
+
+@contextlib.contextmanager
+def embedded_postgres_with(prefix: str, **server_settings: str) -> Iterator[str]:
+    """`embedded_postgres` with server settings that take effect only on a restart, e.g.
+    `wal_level="logical"` (the Realtime test server's logical decoding) or
+    `shared_preload_libraries="pg_stat_statements"`: started once, `alter system set`, restarted."""
+    import shutil
+    import subprocess
+
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from vector_sync.embedded import EmbeddedPostgres
+
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix)) / "pgdata"
+    first = EmbeddedPostgres(data_dir)  # stop keeps the data directory for the restart
+    try:
+        uri = first.start()
+        for name, value in server_settings.items():
+            subprocess.run(
+                [str(POSTGRES_BIN_PATH / "psql"), uri, "-qc", f"alter system set {name} = '{value}'"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+    except BaseException:
+        first.stop()
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+        raise
+    first.stop()
+    server = EmbeddedPostgres(data_dir, delete=True)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def tests_import(name: str):
+    """A module of tests/ (`support` for webhook signing, `realtime_server`), imported from a bench script."""
+    import importlib
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.append(str(ROOT / "tests"))
+    return importlib.import_module(name)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for VECTOR_SYNC_HTTP_PORT, so the bench knows the URL)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (utime + stime of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process from /proc/<pid>/status, in MB (10^6 bytes)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in {"VmRSS", "VmHWM"}:
+            values[key] = int(rest.split()[0]) * 1024 / 1e6
+    return values
+
+
+async def wait_ready(url: str, timeout: float = 120) -> dict[str, object]:
+    """Poll the daemon's /readyz (which runs `select 1`) until it answers 200; returns its details."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/readyz") as response:
+                    details: dict[str, object] = await response.json()
+                    if response.status == 200:
+                        return details
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"daemon at {url} not ready within {timeout}s")
+            await asyncio.sleep(0.2)
+
+
+async def daemon_metrics(url: str) -> dict[str, float]:
+    """The daemon's /metrics as {'name{labels}': value} (no database query behind it)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def progress(message: str) -> None:
+    """Progress on stderr, so `--json` leaves stdout to the JSON object."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def api_or_new(url: str | None, latency_ms: int = 0) -> AsyncIterator[str]:
+    """`url` when a caller (bench/run_all) shares one test API, else a new one for this run."""
+    if url is not None:
+        yield url
+        return
+    async with embedding_api(latency_ms) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def realtime_server(dsn: str) -> AsyncIterator[str]:
+    """tests/realtime_server.py as a subprocess on the database `dsn`; yields its base URL.
+
+    The database's server needs `wal_level = logical` (see `embedded_postgres_with`)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "tests" / "realtime_server.py"),
+        "--dsn",
+        dsn,
+        "--port",
+        "0",
+        "--publish-table",
+        "public.projects",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode().strip()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"realtime test server did not start: {line!r}")
+        yield line.split(" ", 1)[1]
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), timeout=30)
+
+
+def burst_rounds(rows: int, edits: int, seed: int = 0, *, statement_per_row: bool = False) -> list[list[Statement]]:
+    """`efficiency_workload`'s edits as a burst a settle delay can see as one: `edits` transactions,
+    each editing every row of 1..rows exactly once.
+
+    In each round a seeded random 30 % of the rows get `stars = stars + 1` only (not embedded), the
+    others a new description (same shape as `texts`, never a text the row had before). Expects the
+    rows of `texts(rows, 0)` with ids 1..rows.
+
+    Two spellings of the same transactions (same rows, same order of rounds, same texts):
+    - default: two statements a round (the stars-only rows by `id = any(...)`, the descriptions from
+      `unnest`). The vector-sync migration's statement trigger rescans the transaction's change log at
+      every statement, so 1,000 one-row statements take seconds a round and a burst of them would
+      outlast any short settle delay.
+    - `statement_per_row=True`: one statement per row, with `efficiency_workload`'s statement texts and
+      the row id as first argument, for a runner that classifies statements by `set stars` /
+      `set description` (pgai_peer.pgai_efficiency); the stars-only rows come first in a round (order
+      inside one transaction is invisible to every reader).
+    Row-level triggers (pgai's queue, the Supabase guide's `AFTER UPDATE OF`) fire once per row either way.
+    """
+    import random
+
+    rng = random.Random(seed)
+    ids = list(range(1, rows + 1))
+    edited = [0] * (rows + 1)
+    workload: list[list[Statement]] = []
+    for _ in range(edits):
+        stars_only = set(rng.sample(ids, round(rows * STARS_ONLY_SHARE)))
+        order = rng.sample(ids, rows)
+        stars = [row_id for row_id in order if row_id in stars_only]
+        described: list[tuple[int, str]] = []
+        for row_id in order:
+            if row_id not in stars_only:
+                edited[row_id] += 1
+                described.append((row_id, f"description {row_id - 1} edit {edited[row_id]} " + "lorem ipsum " * 20))
+        if statement_per_row:
+            workload.append(
+                [("update projects set stars = stars + 1 where id = $1", (row_id,)) for row_id in stars]
+                + [("update projects set description = $2 where id = $1", pair) for pair in described]
+            )
+            continue
+        workload.append(
+            [
+                ("update projects set stars = stars + 1 where id = any($1::bigint[])", (stars,)),
+                (
+                    "update projects as p set description = u.description"
+                    " from unnest($1::bigint[], $2::text[]) as u(id, description) where p.id = u.id",
+                    ([row_id for row_id, _ in described], [text for _, text in described]),
+                ),
+            ]
+        )
+    return workload
+
+
+async def cpu_snapshot(conn: asyncpg.Connection) -> dict[str, float]:
+    """CPU seconds so far of what a benchmark runs, by kind: this server's Postgres processes, and this
+    script's children (the daemon or pgai's worker, the test API). Other jobs on the machine are left out.
+    Take both snapshots while the processes live: an exited process's time is gone."""
+    return cpu_by_kind(Path(await conn.fetchval("show data_directory")))
+
+
+def cpu_by_kind(data_directory: Path) -> dict[str, float]:
+    postmaster = int((data_directory / "postmaster.pid").read_text().split()[0])
+    kinds: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        pid, parent = int(entry.name), int(fields[1])
+        if pid == postmaster or parent == postmaster:
+            kind = "postgres"
+        elif parent != os.getpid():
+            continue
+        elif "embedding_api.py" in command:
+            kind = "test API"
+        elif "vector_sync" in command:
+            kind = "daemon"
+        elif "pgai" in command:
+            kind = "pgai worker"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return kinds
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {kind: round(after[kind] - before.get(kind, 0.0), 2) for kind in after}

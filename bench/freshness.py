@@ -14,20 +14,22 @@ import argparse
 import asyncio
 import random
 import time
+from typing import Any
 
 import asyncpg
-from common import daemon, embedded_postgres, embedding_api, fresh_database, percentile, texts, wait_all_current
+from common import api_or_new, daemon, embedded_postgres, fresh_database, percentile, texts, wait_all_current
 
 EXISTING_ROWS = 10_000
 
 
-async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[str, float]:
+async def drive(admin: str, rate: int, seconds: int, latency_ms: int, api_url: str | None = None) -> dict[str, Any]:
+    """`rate` changes a second for `seconds`; `api_url` shares a running test API (it must have `latency_ms`)."""
     dsn = await fresh_database(admin, "bench_fresh", hnsw=False)
     conn = await asyncpg.connect(dsn)
     samples: list[float] = []
     # A table in use: existing rows, embedded before the measured window, that updates pick from.
     await conn.copy_records_to_table("projects", records=texts(EXISTING_ROWS, 0), columns=["name", "description"])
-    async with embedding_api(latency_ms) as api_url, daemon(dsn, api_url, 100):
+    async with api_or_new(api_url, latency_ms) as url, daemon(dsn, url, 100):
         await wait_all_current(conn)
         window_start = await conn.fetchval("select clock_timestamp()")
         started = time.monotonic()
@@ -61,6 +63,7 @@ async def drive(admin: str, rate: int, seconds: int, latency_ms: int) -> dict[st
         "p50_ms": round(percentile(samples, 0.5), 1),
         "p99_ms": round(percentile(samples, 0.99), 1),
         "max_ms": round(samples[-1], 1) if samples else float("nan"),
+        "samples_ms": samples,
     }
 
 
