@@ -142,9 +142,7 @@ def test_a_late_delete_does_not_cancel_the_insert_of_a_row_inserted_again(schedu
     assert taken(scheduler) == [("a", 1)]
 
 
-def test_a_late_delete_while_in_flight_keeps_the_newer_version_it_follows(
-    scheduler: Scheduler, clock: Clock
-) -> None:
+def test_a_late_delete_while_in_flight_keeps_the_newer_version_it_follows(scheduler: Scheduler, clock: Clock) -> None:
     scheduler.offer(event("a", 5))
     assert taken(scheduler) == [("a", 5)]
     scheduler.offer(event("a", None, Op.DELETE))
@@ -320,3 +318,24 @@ def test_a_refused_write_records_nothing(scheduler: Scheduler) -> None:
     taken(scheduler)
     finish(scheduler, "a", None)
     assert scheduler.offer(event("a", 3, source=Source.WEBHOOK)) is Offer.ACCEPTED
+
+
+def test_a_row_inserted_again_is_not_a_duplicate_of_its_earlier_life(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 4))
+    assert taken(scheduler) == [("a", 4)]
+    finish(scheduler, "a", 4)  # the first life reached version 4
+    # Deleted and inserted again; its DELETE comes late (a retried webhook), after the new life's events.
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED
+    assert scheduler.offer(event("a", 2)) is Offer.ACCEPTED
+    scheduler.offer(event("a", None, Op.DELETE))
+    clock.now += 20
+    assert taken(scheduler) == [("a", 2)]
+
+
+def test_a_reinsert_while_the_old_life_is_in_flight_runs_again_after(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 4))
+    assert taken(scheduler) == [("a", 4)]
+    assert scheduler.offer(event("a", 1, Op.INSERT)) is Offer.ACCEPTED  # below the flight's target
+    finish(scheduler, "a", None)  # the old life's write was refused: the row it read is gone
+    clock.now += 20
+    assert [project for project, _ in taken(scheduler)] == ["a"]

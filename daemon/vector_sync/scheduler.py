@@ -146,9 +146,14 @@ class Scheduler:
         version = event.version
         assert version is not None, "only DELETE events may lack a version"
         authoritative = event.source in AUTHORITATIVE_SOURCES
+        # An INSERT starts a row's life again, with versions from 1: it is never a duplicate of what an
+        # earlier life reached (a DELETE of that life may still be on its way, behind it).
+        new_life = event.op is Op.INSERT
+        if new_life:
+            self._done.pop(key, None)
         flight = self._in_flight.get(key)
         if flight is not None:
-            offer = self._offer_in_flight(flight, version, authoritative)
+            offer = self._offer_in_flight(flight, version, authoritative or new_life)
             if offer is Offer.ACCEPTED:
                 flight.newer_due = self._clock() + self._delay(event)
             return offer
