@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import re
 import time
@@ -61,6 +60,7 @@ from common import (
     free_port,
     fresh_database,
     markdown_table,
+    print_result,
     progress,
     realtime_server,
     tests_import,
@@ -605,12 +605,7 @@ def main() -> None:
     result = asyncio.run(
         run(None, args.rows, args.edits, seed=args.seed, pgai=not args.no_pgai, settle_delay=args.settle_delay)
     )
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(render(result))
-        print(f"\nwall time {result['wall_seconds']} s")
+    print_result(result, started, args.json, render)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import linecache
 import time
 from pathlib import Path
@@ -28,18 +27,17 @@ from common import (
     DIMENSIONS,
     api_or_new,
     api_stats,
-    daemon,
     daemon_metrics,
     embedded_postgres,
-    free_port,
     fresh_database,
     markdown_table,
+    print_result,
     process_memory_mb,
     progress,
     tests_import,
     verdict,
     wait_all_current,
-    wait_ready,
+    webhook_daemon,
 )
 
 TARGET_PEAK_MB = 300.0
@@ -145,19 +143,10 @@ async def run(
     timeout: float = 1800,
 ) -> dict[str, Any]:
     dsn = await fresh_database(admin_dsn, DATABASE, hnsw=False)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = {
-        "VECTOR_SYNC_SOURCES": "listen,webhook",
-        "VECTOR_SYNC_WEBHOOK_SECRET": tests_import("support").WEBHOOK_SECRET,
-        "VECTOR_SYNC_HTTP_PORT": str(port),
-        "VECTOR_SYNC_ENCODING_FORMAT": "base64",
-    }
     conn = await asyncpg.connect(dsn)
     phases: dict[str, Any] = {}
     try:
-        async with api_or_new(api_url) as api, daemon(dsn, api, batch, **settings) as process:
-            await wait_ready(url)
+        async with webhook_daemon(dsn, api_url, batch, VECTOR_SYNC_ENCODING_FORMAT="base64") as (url, api, process):
             await asyncio.sleep(1)  # the start-up drift pass (an empty table) is done
             sampler = Sampler(process.pid)
             sampler.start()
@@ -273,6 +262,13 @@ def render(result: dict[str, Any]) -> str:
     )
 
 
+def render_all(result: dict[str, Any]) -> str:
+    """`render`, then `render_profile` when the run was profiled."""
+    if "profile" not in result:
+        return render(result)
+    return f"{render(result)}\n\n{render_profile(result['profile'])}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
@@ -292,15 +288,7 @@ def main() -> None:
         result = asyncio.run(run(admin, rows=args.rows, update=not args.no_update, batch=args.batch))
         if args.profile:
             result["profile"] = asyncio.run(profile(admin, rows=args.profile))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(render(result))
-        if args.profile:
-            print()
-            print(render_profile(result["profile"]))
-        print(f"\nwall time {result['wall_seconds']} s")
+    print_result(result, started, args.json, render_all)
 
 
 if __name__ == "__main__":

@@ -438,3 +438,36 @@ def cpu_by_kind(data_directory: Path) -> dict[str, float]:
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {kind: round(after[kind] - before.get(kind, 0.0), 2) for kind in after}
+
+
+def print_result(result: dict[str, object], started: float, as_json: bool, render) -> None:
+    """The end of a bench script's main: the wall time since `started` (monotonic) into `result`, then
+    `result` as one JSON object (`--json`) or as `render(result)` writes it (a str), with the wall time."""
+    import json
+
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        print(render(result))
+        print(f"\nwall time {result['wall_seconds']} s")
+
+
+@contextlib.asynccontextmanager
+async def webhook_daemon(
+    dsn: str, api_url: str | None, batch: int, **settings: str
+) -> AsyncIterator[tuple[str, str, asyncio.subprocess.Process]]:
+    """The daemon on `dsn` with the listen and webhook sources (unless `settings` name others) and
+    tests/support.py's webhook secret, on a free port, against the test API `api_url` (a new one when
+    None), ready: yields (its URL, the API's URL, the process)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = {
+        "VECTOR_SYNC_SOURCES": "listen,webhook",
+        "VECTOR_SYNC_WEBHOOK_SECRET": tests_import("support").WEBHOOK_SECRET,
+        **settings,
+        "VECTOR_SYNC_HTTP_PORT": str(port),
+    }
+    async with api_or_new(api_url) as api, daemon(dsn, api, batch, **settings) as process:
+        await wait_ready(url)
+        yield url, api, process

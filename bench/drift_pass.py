@@ -14,10 +14,9 @@ updated rows only, by design (deleting a vector writes no change-log row).
 The plans of the first page and of a later page (`after` = the id at the middle of the table) are
 shown from EXPLAIN (ANALYZE, BUFFERS), both as a one-off (custom) plan and as the generic plan a
 prepared statement switches to after five executions (asyncpg prepares every query it runs).
-A later page's plan reads the vectors' primary key from its first entry, not from `after` (nothing
-bounds that side of the join), so each page re-reads every vector before it; the suggested fix
-(`e.project_id > after` in the join's ON) is planned and timed beside it, alternating with the
-daemon's own pass so the machine's load hits both alike.
+A later page's query bounds both sides of its join by `after`, so its plan reads the vectors'
+primary key from `after` on; `later_page_reads_vectors_from_start` says whether a later page's plan
+read the vectors from their first entry instead (each page re-reading every vector before it).
 
     .venv/bin/python bench/drift_pass.py --rows 100000 1000000
 """
@@ -34,9 +33,8 @@ import time
 from typing import Any
 
 import asyncpg
-from common import embedded_postgres, markdown_table, progress, verdict
-from safety_pass import DIMENSIONS, prepare, timed
-from vector_sync.drift import PAGE_SIZE
+from common import embedded_postgres, markdown_table, print_result, progress, verdict
+from safety_pass import drift_pass_on, prepare, timed
 
 TARGETS_SECONDS = {100_000: 1.0, 1_000_000: 5.0}
 STALE_SHARE = 0.01
@@ -129,36 +127,9 @@ async def explain_all(dsn: str, store: Any, middle: str) -> dict[str, dict[str, 
             "first page, generic plan": await explain(conn, store._drift_first, [model, "2000"], generic=True),
             "later page, custom plan": await explain(conn, store._drift_next, [model, "2000", middle], generic=False),
             "later page, generic plan": await explain(conn, store._drift_next, [model, "2000", middle], generic=True),
-            "later page, suggested fix, generic plan": await explain(
-                conn, bounded_next_page(store), [model, "2000", middle], generic=True
-            ),
         }
     finally:
         await conn.close()
-
-
-def bounded_next_page(store: Any) -> str:
-    """The suggested fix, for comparison: the later-page query with the vectors' side bounded by `after`
-    too (in the join's ON, so the left join stays a left join)."""
-    query: str = store._drift_next
-    fixed = query.replace("on e.project_id = t.", "on e.project_id > $3::text::bigint and e.project_id = t.", 1)
-    assert fixed != query, "the drift query changed shape; update this benchmark"
-    return fixed
-
-
-async def bounded_walk(conn: asyncpg.Connection, store: Any) -> tuple[float, int, list[float]]:
-    """A full keyset walk as run_once makes it, later pages by the bounded query: ms, rows found, page ms."""
-    fixed = bounded_next_page(store)
-    pages: list[float] = []
-    began = time.perf_counter()
-    page = await conn.fetch(store._drift_first, store.model, PAGE_SIZE)
-    found = len(page)
-    pages.append(time.perf_counter() - began)
-    while len(page) == PAGE_SIZE:
-        page = await conn.fetch(fixed, store.model, PAGE_SIZE, page[-1][0])
-        found += len(page)
-        pages.append(time.perf_counter() - began)
-    return (time.perf_counter() - began) * 1000, found, page_durations(pages)
 
 
 def page_durations(ends: list[float]) -> list[float]:
@@ -179,28 +150,13 @@ async def make_stale(conn: asyncpg.Connection, rows: int, share: float) -> tuple
 
 
 async def measure(admin: str, rows: int, repeats: int, stale_share: float) -> dict[str, Any]:
-    from vector_sync.config import load_settings
-    from vector_sync.drift import DriftPass
-    from vector_sync.migrations import read_catalog
-    from vector_sync.scheduler import Scheduler
-    from vector_sync.store import Store
-
     await drop_database(admin)
     started = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):  # prepare prints; stdout is for the result
         dsn = await prepare(admin, rows)
     prepared_seconds = time.monotonic() - started
-    settings = load_settings(
-        require_embedder=False,
-        DATABASE_URL=dsn,
-        VECTOR_SYNC_EMBEDDER="hash",
-        VECTOR_SYNC_EMBEDDING_DIMENSIONS=DIMENSIONS,
-    )
-    conn = await asyncpg.connect(dsn)
-    store = await Store.connect(settings, await read_catalog(conn, settings))
     found: list[Any] = []
-    passes = DriftPass(store, Scheduler(insert_delay=0, update_delay=0, max_pending=10_000_000), found.append)
-    try:
+    async with drift_pass_on(dsn, found, max_pending=10_000_000) as (conn, store, passes):
         clean_ms = await timed(passes.run_once, repeats=3)  # nothing behind; also sets the watermark
         updated, missing = await make_stale(conn, rows, stale_share)
         expected = updated | missing
@@ -218,26 +174,16 @@ async def measure(admin: str, rows: int, repeats: int, stale_share: float) -> di
         first_ms = (time.perf_counter() - began) * 1000
         first_found = {event.project_id for event in found}
 
-        # The daemon's pass and the suggested fix, alternately, so the machine's load hits both alike.
         daemon_ms: list[float] = []
-        fixed: list[tuple[float, int, list[float]]] = []
         exact = first_found == expected
-        walker = await asyncpg.connect(dsn)
-        try:
-            for _ in range(repeats):
-                found.clear()
-                began = time.perf_counter()
-                await passes.run_once()
-                daemon_ms.append((time.perf_counter() - began) * 1000)
-                exact = exact and {event.project_id for event in found} == expected
-                fixed.append(await bounded_walk(walker, store))
-        finally:
-            await walker.close()
+        for _ in range(repeats):
+            found.clear()
+            began = time.perf_counter()
+            await passes.run_once()
+            daemon_ms.append((time.perf_counter() - began) * 1000)
+            exact = exact and {event.project_id for event in found} == expected
         middle = await conn.fetchval("select id from projects order by id offset $1 limit 1", rows // 2)
         plans = await explain_all(dsn, store, str(middle))
-    finally:
-        await store.close()
-        await conn.close()
     await drop_database(admin)
     return {
         "rows": rows,
@@ -256,11 +202,6 @@ async def measure(admin: str, rows: int, repeats: int, stale_share: float) -> di
         "recent_pass_found": len(recent_found),
         "recent_pass_found_exactly_the_updated": recent_found == updated,
         "plans": plans,
-        "suggested_fix": {
-            "median_pass_ms": round(statistics.median(ms for ms, _, _ in fixed), 1),
-            "found": fixed[0][1],
-            "page_ms": fixed[0][2],
-        },
         "repeats": repeats,
         "target_seconds": target_for(rows),
         "target_met": max(first_ms, statistics.median(daemon_ms)) <= 1000 * target_for(rows),
@@ -340,12 +281,6 @@ def render(result: dict[str, Any]) -> str:
                     f"{read.get('project_embeddings_pkey', 0):,.0f} vectors read for "
                     f"{read.get('projects_pkey', 0):,.0f} rows (each later page re-reads all vectors before it)"
                 )
-        fix = size["suggested_fix"]
-        lines.append(
-            f"- suggested fix (`e.project_id > after` in the join's ON), timed alternately with the daemon's pass: "
-            f"{fix['median_pass_ms']:.0f} ms median against {size['median_pass_ms']:.0f} ms, found {fix['found']:,}; "
-            f"page times {fix['page_ms']} ms"
-        )
     return "\n".join(lines)
 
 
@@ -359,12 +294,7 @@ def main() -> None:
     started = time.monotonic()
     with embedded_postgres("vs-bench-drift-") as admin:
         result = asyncio.run(run(admin, rows=tuple(args.rows), repeats=args.repeats, stale_share=args.stale))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(render(result))
-        print(f"\nwall time {result['wall_seconds']} s")
+    print_result(result, started, args.json, render)
 
 
 if __name__ == "__main__":

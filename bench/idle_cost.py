@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -41,12 +40,11 @@ import aiohttp
 import asyncpg
 from common import (
     api_or_new,
-    daemon,
     daemon_metrics,
     embedded_postgres_with,
-    free_port,
     fresh_database,
     markdown_table,
+    print_result,
     process_cpu_seconds,
     process_memory_mb,
     progress,
@@ -55,6 +53,7 @@ from common import (
     verdict,
     wait_all_current,
     wait_ready,
+    webhook_daemon,
 )
 
 TARGET_QUERIES = 0
@@ -247,14 +246,7 @@ async def run(
     if not capabilities["statements"]:
         notes.append("pg_stat_statements not preloaded: no query count, pg_stat_activity check only")
     sources = ["listen", "webhook", *(["realtime"] if use_realtime else [])]
-    port = free_port()
-    daemon_url = f"http://127.0.0.1:{port}"
-    support = tests_import("support")
-    settings = {
-        "VECTOR_SYNC_SOURCES": ",".join(sources),
-        "VECTOR_SYNC_WEBHOOK_SECRET": support.WEBHOOK_SECRET,
-        "VECTOR_SYNC_HTTP_PORT": str(port),
-    }
+    settings = {"VECTOR_SYNC_SOURCES": ",".join(sources)}
     writer = await asyncpg.connect(dsn)
     observer = await asyncpg.connect(admin_dsn)  # the postgres database, where pg_stat_statements is
     try:
@@ -262,8 +254,7 @@ async def run(
             if realtime_url is not None:
                 settings["SUPABASE_URL"] = realtime_url
                 settings["SUPABASE_SERVICE_ROLE_KEY"] = tests_import("realtime_server").DEFAULT_API_KEY
-            async with daemon(as_user(dsn, DAEMON_ROLE), api, 100, **settings) as process:
-                await wait_ready(daemon_url)
+            async with webhook_daemon(as_user(dsn, DAEMON_ROLE), api, 100, **settings) as (daemon_url, _, process):
                 progress(f"idle_cost: daemon ready with {', '.join(sources)}; warming up")
                 await warm_up(writer, daemon_url, realtime_url)
                 warm = await daemon_metrics(daemon_url)
@@ -363,12 +354,7 @@ def main() -> None:
         "vs-bench-idle-", wal_level="logical", shared_preload_libraries="pg_stat_statements"
     ) as admin:
         result = asyncio.run(run(admin, seconds=args.seconds, settle=args.settle, realtime=not args.no_realtime))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(render(result))
-        print(f"\nwall time {result['wall_seconds']} s")
+    print_result(result, started, args.json, render)
 
 
 if __name__ == "__main__":

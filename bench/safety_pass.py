@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from common import TABLE_SQL, embedded_postgres
@@ -65,67 +68,84 @@ async def timed(work: object, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args()
-
+@contextlib.asynccontextmanager
+async def drift_pass_on(
+    dsn: str, found: list[Any], max_pending: int
+) -> AsyncIterator[tuple[asyncpg.Connection, Any, Any]]:
+    """The daemon's own `DriftPass` on the database `prepare` made: yields (a connection, the `Store`,
+    the `DriftPass`), every stale row the pass finds appended to `found`; all closed afterwards."""
     from vector_sync.config import load_settings
     from vector_sync.drift import DriftPass
     from vector_sync.migrations import read_catalog
     from vector_sync.scheduler import Scheduler
     from vector_sync.store import Store
 
+    settings = load_settings(
+        require_embedder=False,
+        DATABASE_URL=dsn,
+        VECTOR_SYNC_EMBEDDER="hash",
+        VECTOR_SYNC_EMBEDDING_DIMENSIONS=DIMENSIONS,
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        store = await Store.connect(settings, await read_catalog(conn, settings))
+        try:
+            scheduler = Scheduler(insert_delay=0, update_delay=0, max_pending=max_pending)
+            yield conn, store, DriftPass(store, scheduler, found.append)
+        finally:
+            await store.close()
+    finally:
+        await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    found: list[object] = []
     with embedded_postgres("vs-bench-safety-") as admin:
         dsn = await prepare(admin, args.rows)
-        settings = load_settings(
-            require_embedder=False,
-            DATABASE_URL=dsn,
-            VECTOR_SYNC_EMBEDDER="hash",
-            VECTOR_SYNC_EMBEDDING_DIMENSIONS=DIMENSIONS,
-        )
-        conn = await asyncpg.connect(dsn)
-        store = await Store.connect(settings, await read_catalog(conn, settings))
-        found: list[object] = []
-        scheduler = Scheduler(insert_delay=0, update_delay=0, max_pending=1_000_000)
-        passes = DriftPass(store, scheduler, found.append)
+        async with drift_pass_on(dsn, found, max_pending=1_000_000) as (conn, _, passes):
+            await measure(conn, passes)
 
-        full_ms = await timed(passes.run_once)
-        print(f"full drift pass, nothing behind: {full_ms:.0f} ms (median of 5)")
-        results = {"full": full_ms}
-        for changed in (0, 100, 10_000):
-            if changed:
-                await conn.execute(
-                    "update projects set stars = stars + 1 where id in "
-                    "(select id from projects order by random() limit $1)",
-                    changed,
-                )
-            # Every pass advances the watermark, so each timed run after the first sees no change:
-            # time the first run on its own, then the steady state.
-            started = time.perf_counter()
-            await passes.run_recent("bench")
-            first_ms = (time.perf_counter() - started) * 1000
-            steady_ms = await timed(lambda: passes.run_recent("bench"))
-            results[f"recent {changed}"] = first_ms
-            print(f"recent pass after {changed} changed rows: {first_ms:.1f} ms; then idle: {steady_ms:.1f} ms")
 
-        # The trigger's extra write: the same bulk update with and without the log insert, three
-        # times each (the median), so cache warm-up does not favour the second.
-        for label in ("with change log", "without change log"):
-            if label.startswith("without"):
-                await conn.execute("alter table vector_sync.webhook_logs rename to webhook_logs_off")
-                await conn.execute(
-                    "create table vector_sync.webhook_logs (like vector_sync.webhook_logs_off including defaults)"
-                )
-                await conn.execute("create rule discard as on insert to vector_sync.webhook_logs do instead nothing")
+async def measure(conn: asyncpg.Connection, passes: Any) -> None:
+    """The full pass, recent passes after 0, 100 and 10,000 changes, and the change log's write cost."""
+    full_ms = await timed(passes.run_once)
+    print(f"full drift pass, nothing behind: {full_ms:.0f} ms (median of 5)")
+    results = {"full": full_ms}
+    for changed in (0, 100, 10_000):
+        if changed:
+            await conn.execute(
+                "update projects set stars = stars + 1 where id in "
+                "(select id from projects order by random() limit $1)",
+                changed,
+            )
+        # Every pass advances the watermark, so each timed run after the first sees no change:
+        # time the first run on its own, then the steady state.
+        started = time.perf_counter()
+        await passes.run_recent("bench")
+        first_ms = (time.perf_counter() - started) * 1000
+        steady_ms = await timed(lambda: passes.run_recent("bench"))
+        results[f"recent {changed}"] = first_ms
+        print(f"recent pass after {changed} changed rows: {first_ms:.1f} ms; then idle: {steady_ms:.1f} ms")
 
-            async def update() -> None:
-                await conn.execute("update projects set stars = stars + 1 where id <= 100000")
-                await conn.execute("vacuum projects")
+    # The trigger's extra write: the same bulk update with and without the log insert, three
+    # times each (the median), so cache warm-up does not favour the second.
+    for label in ("with change log", "without change log"):
+        if label.startswith("without"):
+            await conn.execute("alter table vector_sync.webhook_logs rename to webhook_logs_off")
+            await conn.execute(
+                "create table vector_sync.webhook_logs (like vector_sync.webhook_logs_off including defaults)"
+            )
+            await conn.execute("create rule discard as on insert to vector_sync.webhook_logs do instead nothing")
 
-            print(f"update of 100,000 rows {label}: {await timed(update, repeats=3):.0f} ms (median of 3, with vacuum)")
-        await store.close()
-        await conn.close()
+        async def update() -> None:
+            await conn.execute("update projects set stars = stars + 1 where id <= 100000")
+            await conn.execute("vacuum projects")
+
+        print(f"update of 100,000 rows {label}: {await timed(update, repeats=3):.0f} ms (median of 3, with vacuum)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,11 @@ async def backlog(admin: str, api_url: str, rows: int, batch: int) -> dict[str, 
         finished = await wait_all_current(conn)
     after = await api_stats(api_url)
     await conn.close()
-    seconds = finished - started
+    return counts(rows, finished - started, before, after)
+
+
+def counts(rows: int, seconds: float, before: dict[str, int], after: dict[str, int]) -> dict[str, float | int]:
+    """Rows, seconds, rows/s, and the API requests and inputs between the test API's stats `before` and `after`."""
     return {
         "rows": rows,
         "seconds": round(seconds, 2),
@@ -61,11 +65,7 @@ def phase(
     rows: int, seconds: float, before: dict[str, int], after: dict[str, int], lat: list[float]
 ) -> dict[str, float]:
     return {
-        "rows": rows,
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows / seconds),
-        "requests": after["requests"] - before["requests"],
-        "inputs": after["inputs"] - before["inputs"],
+        **counts(rows, seconds, before, after),
         "latency_p50_ms": round(percentile(lat, 0.5), 1),
         "latency_p99_ms": round(percentile(lat, 0.99), 1),
     }

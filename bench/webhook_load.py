@@ -52,21 +52,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 from common import (
-    api_or_new,
-    daemon,
     daemon_metrics,
     embedded_postgres,
-    free_port,
     fresh_database,
     markdown_table,
     percentile,
+    print_result,
     process_cpu_seconds,
     progress,
     tests_import,
     texts,
     verdict,
     wait_all_current,
-    wait_ready,
+    webhook_daemon,
 )
 
 TARGET_RPS = 2000
@@ -351,19 +349,10 @@ async def run(
 ) -> dict[str, Any]:
     """Capacity and fixed-rate runs, dedup and new-version bodies, `repeats` times each, one daemon."""
     dsn = await prepare(admin_dsn, rows)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = {
-        "VECTOR_SYNC_SOURCES": "listen,webhook",
-        "VECTOR_SYNC_WEBHOOK_SECRET": tests_import("support").WEBHOOK_SECRET,
-        "VECTOR_SYNC_WEBHOOK_RATE_LIMIT": RATE_LIMIT,
-        "VECTOR_SYNC_HTTP_PORT": str(port),
-    }
     conn = await asyncpg.connect(dsn)
     runs: list[dict[str, Any]] = []
     try:
-        async with api_or_new(api_url) as api, daemon(dsn, api, 100, **settings) as process:
-            await wait_ready(url)
+        async with webhook_daemon(dsn, api_url, 100, VECTOR_SYNC_WEBHOOK_RATE_LIMIT=RATE_LIMIT) as (url, _, process):
             await wait_all_current(conn, timeout=600)
             ids = [row["id"] for row in await conn.fetch("select id from projects order by id")]
             first_version = 2
@@ -537,12 +526,7 @@ def main() -> None:
                 py_spy=args.py_spy,
             )
         )
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(render(result))
-        print(f"\nwall time {result['wall_seconds']} s")
+    print_result(result, started, args.json, render)
 
 
 if __name__ == "__main__":
