@@ -89,6 +89,10 @@ class Scheduler:
         self._pending: dict[ProjectId, _Pending] = {}
         self._in_flight: dict[ProjectId, _InFlight] = {}
         self._done: OrderedDict[ProjectId, int] = OrderedDict()
+        # INSERTs dropped as duplicates, by version. An INSERT's versions start again at 1, so one that
+        # looks old may be a new life of the id, with the old life's DELETE still on its way (a retried
+        # webhook): when that DELETE comes, the row is looked at again.
+        self._inserts_dropped: OrderedDict[ProjectId, int] = OrderedDict()
         self._heap: list[tuple[float, int, ProjectId]] = []
         self._sequence = 0
         self._changed = asyncio.Event()
@@ -137,6 +141,11 @@ class Scheduler:
         """Take an event; never blocks and never raises for a well-typed event."""
         result = self._offer(event)
         self.counts[result.value] += 1
+        if result is Offer.DUPLICATE and event.op is Op.INSERT and event.version is not None:
+            self._inserts_dropped[event.project_id] = event.version
+            self._inserts_dropped.move_to_end(event.project_id)
+            while len(self._inserts_dropped) > self._done_cache_size:
+                self._inserts_dropped.popitem(last=False)
         return result
 
     def _offer(self, event: ChangeEvent) -> Offer:
@@ -146,14 +155,9 @@ class Scheduler:
         version = event.version
         assert version is not None, "only DELETE events may lack a version"
         authoritative = event.source in AUTHORITATIVE_SOURCES
-        # An INSERT starts a row's life again, with versions from 1: it is never a duplicate of what an
-        # earlier life reached (a DELETE of that life may still be on its way, behind it).
-        new_life = event.op is Op.INSERT
-        if new_life:
-            self._done.pop(key, None)
         flight = self._in_flight.get(key)
         if flight is not None:
-            offer = self._offer_in_flight(flight, version, authoritative or new_life)
+            offer = self._offer_in_flight(flight, version, authoritative)
             if offer is Offer.ACCEPTED:
                 flight.newer_due = self._clock() + self._delay(event)
             return offer
@@ -191,11 +195,16 @@ class Scheduler:
         # DELETE (a retried webhook, a pending drain) may follow the new row's INSERT. So it drops
         # nothing queued: the batch reads the row, and a row that is gone settles without a call.
         self._done.pop(key, None)
+        reinserted = self._inserts_dropped.pop(key, None)
         flight = self._in_flight.get(key)
         if flight is not None:
             # The batch may have read the row before the delete; the store's guard refuses its
             # write, and any later event for the id counts as new.
             flight.deleted = True
+            if reinserted is not None:
+                flight.newer = max(reinserted, flight.newer or 0)
+        elif reinserted is not None and key not in self._pending and self.has_room:
+            self._add_pending(key, _Pending(reinserted, self._clock(), None))
         return Offer.CANCELLED
 
     @staticmethod
