@@ -12,7 +12,7 @@ from vector_sync.drift import DriftPass
 from vector_sync.events import ChangeEvent, ProjectId
 from vector_sync.migrations import read_catalog
 from vector_sync.scheduler import Scheduler
-from vector_sync.store import Store, VectorWrite
+from vector_sync.store import Store, VectorWrite, content_text, sha256_hex
 
 
 class Recorder:
@@ -50,8 +50,13 @@ async def insert(db: asyncpg.Connection, count: int) -> list[int]:
 
 async def embed(store: Store, db: asyncpg.Connection, ids: list[int]) -> None:
     """Store a vector at each row's current version (what the pipeline would do)."""
-    versions = dict(await db.fetch("select id, version from projects where id = any($1::bigint[])", ids))
-    await store.write([VectorWrite(str(i), versions[i], f"sha-{i}", [1.0] * DIMENSIONS) for i in ids])
+    rows = await db.fetch("select id, version, name, description from projects where id = any($1::bigint[])", ids)
+    await store.write(
+        [
+            VectorWrite(str(row[0]), row[1], sha256_hex(content_text([row[2], row[3]])), [1.0] * DIMENSIONS)
+            for row in rows
+        ]
+    )
 
 
 async def test_a_recent_pass_finds_only_what_changed_since_the_last_pass(db: asyncpg.Connection, store: Store) -> None:

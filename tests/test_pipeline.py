@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 from embedding_api import EmbeddingAPI, Fault, expected_embedding
@@ -118,26 +120,75 @@ async def test_insert_waits_its_delay_update_does_not(db: asyncpg.Connection, ds
 
 async def test_version_guard_refuses_an_older_result(db: asyncpg.Connection, dsn: str) -> None:
     from vector_sync.migrations import read_catalog
-    from vector_sync.store import Store, VectorWrite
+    from vector_sync.store import Store, VectorWrite, content_text, sha256_hex
 
     settings = make_settings(dsn)
     project = await insert(db, "Kilnwise", "glazes")
     await db.execute("update projects set description = 'glazes and kilns' where id = $1", project)
+    current = sha256_hex(content_text(["Kilnwise", "glazes and kilns"]))
     catalog = await read_catalog(db, settings)
     store = await Store.connect(settings, catalog)
     try:
-        newer = await store.write([VectorWrite(str(project), 2, "sha-new", [1.0] + [0.0] * (DIMENSIONS - 1))])
+        newer = await store.write([VectorWrite(str(project), 2, current, [1.0] + [0.0] * (DIMENSIONS - 1))])
         older = await store.write([VectorWrite(str(project), 1, "sha-old", [0.0, 1.0] + [0.0] * (DIMENSIONS - 2))])
         ahead = await store.write([VectorWrite(str(project), 3, "sha-future", [1.0] * DIMENSIONS)])
-        # Same version, other text: a row deleted and inserted again while a batch held its old text.
-        same_version = await store.write([VectorWrite(str(project), 2, "sha-reborn", [0.0, 0.0, 1.0] + [0.0] * 61)])
+        # The row deleted and inserted again (versions restart at 1) and edited to version 2 while a
+        # batch held the old life's version 2: same version, other text. The old text is refused, the
+        # new life's is stored.
+        await db.execute("delete from projects where id = $1", project)
+        await db.execute("insert into projects (id, name, description) values ($1, 'Kilnwise', 'x')", project)
+        await db.execute("update projects set description = 'reborn' where id = $1", project)
+        old_life = await store.write([VectorWrite(str(project), 2, current, [0.0, 0.0, 1.0] + [0.0] * 61)])
+        reborn = sha256_hex(content_text(["Kilnwise", "reborn"]))
+        new_life = await store.write([VectorWrite(str(project), 2, reborn, [0.0, 0.0, 1.0] + [0.0] * 61)])
     finally:
         await store.close()
     assert newer == {str(project): 2}
     assert older == {}
     assert ahead == {}  # never ahead of the row's own version
-    assert same_version == {str(project): 2}
-    assert (await stored(db))[project] == (2, "sha-reborn")
+    assert old_life == {}
+    assert new_life == {str(project): 2}
+    assert (await stored(db))[project] == (2, reborn)
+
+
+async def test_a_write_racing_deletes_waits_for_them_instead_of_failing(db: asyncpg.Connection, dsn: str) -> None:
+    """Deletes that have not committed when the write reads the rows: the write waits for each (the
+    foreign key lock), then leaves the row out. Before, each commit failed the write's foreign key
+    check, and a batch racing two deletes failed ("batch failed unexpectedly", deferred)."""
+    from vector_sync.migrations import read_catalog
+    from vector_sync.store import Store, VectorWrite, content_text, sha256_hex
+
+    settings = make_settings(dsn)
+    projects = [await insert(db, "Tidewell", "pumps"), await insert(db, "Tidewell", "pumps")]
+    sha = sha256_hex(content_text(["Tidewell", "pumps"]))
+    store = await Store.connect(settings, await read_catalog(db, settings))
+    deleters = [await asyncpg.connect(dsn) for _ in projects]
+    try:
+        transactions = [deleter.transaction() for deleter in deleters]
+        for deleter, transaction, project in zip(deleters, transactions, projects, strict=True):
+            await transaction.start()
+            await deleter.execute("delete from projects where id = $1", project)
+        write = asyncio.create_task(
+            store.write([VectorWrite(str(project), 1, sha, [1.0] * DIMENSIONS) for project in projects])
+        )
+        for deleter, transaction in zip(deleters, transactions, strict=True):
+            pid = deleter.get_server_pid()
+
+            async def write_waits_on_the_delete(pid: int = pid) -> bool:
+                return bool(
+                    await db.fetchval(
+                        "select count(*) from pg_stat_activity where $1 = any(pg_blocking_pids(pid))", pid
+                    )
+                )
+
+            await wait_until(write_waits_on_the_delete, what=f"the write waiting on the delete of backend {pid}")
+            await transaction.commit()
+        assert await write == {}
+    finally:
+        for deleter in deleters:
+            await deleter.close()
+        await store.close()
+    assert not set(projects) & set(await stored(db))
 
 
 async def test_delete_removes_the_vector_and_a_late_event_does_not_bring_it_back(

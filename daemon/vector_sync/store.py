@@ -189,10 +189,18 @@ class Store:
         """
         array_type = "halfvec[]" if self._halfvec else "vector[]"
         vector_schema = quote_ident(catalog.vector_schema)
-        # The join with the source row makes a write for a deleted row a no-op instead of a foreign
-        # key error, and `t.version >= u.version` keeps a vector from ever getting ahead of its row.
-        # Same version with other text happens when a row is deleted and inserted again (versions
-        # restart at 1) while a batch still held the old text: the newer read wins.
+        # Versions restart at 1 when a row is deleted and inserted again, so a batch holding the old
+        # life's text can meet the new life at the same version: at equal versions the row's text
+        # must still be the one embedded (same text and hash as `read_rows` computes), or the write
+        # is refused. A vector at an older version than its row is allowed: it reads as stale.
+        texts = ", ".join(f"nullif(t.{quote_ident(column)}::text, '')" for column in settings.content_columns)
+        same_life = (
+            "(t.version > u.version"
+            f" or encode(sha256(convert_to(concat_ws(E'\\n\\n', {texts}), 'UTF8')), 'hex') = u.sha)"
+        )
+        # The join with the source row makes a write for a deleted row a no-op, and `for key share`
+        # makes a concurrent delete wait for this transaction (its cascade then removes the vector)
+        # or, committed first, leaves the row out: never a foreign key error.
         self._upsert = f"""
             insert into vector_sync.project_embeddings as e
                    (project_id, version, content_sha256, model, embedding, embedded_at, committed_at)
@@ -200,7 +208,8 @@ class Store:
                    to_timestamp(u.committed_at)
               from unnest($1::text[], $2::bigint[], $3::text[], $4::{vector_schema}.{array_type},
                           $6::float8[]) as u(key, version, sha, embedding, committed_at)
-              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version
+              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version and {same_life}
+               for key share of t
             on conflict (project_id) do update
                set version = excluded.version, content_sha256 = excluded.content_sha256,
                    model = excluded.model, embedding = excluded.embedding,
@@ -216,7 +225,7 @@ class Store:
                    committed_at = to_timestamp(u.committed_at)
               from unnest($1::text[], $2::bigint[], $3::text[], $5::float8[])
                    as u(key, version, sha, committed_at)
-              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version
+              join {table} t on t.{ident} = u.key::{id_type} and t.version >= u.version and {same_life}
              where e.project_id = t.{ident} and e.version < u.version
                and e.content_sha256 = u.sha and e.model = $4
             returning e.project_id::text, e.version
@@ -373,17 +382,9 @@ class Store:
     async def write(self, writes: Sequence[VectorWrite]) -> dict[ProjectId, int]:
         """Store vectors and move versions in one transaction; return the versions now stored.
 
-        A write the guard refuses (an older version than the stored one, or a deleted row) is left
-        out of the result.
+        A write the guard refuses (an older version than the stored one, a deleted row, or a row
+        deleted and inserted again that has other text at the same version) is left out of the result.
         """
-        try:
-            return await self._write_once(writes)
-        except asyncpg.ForeignKeyViolationError:
-            # A row deleted between the statement's snapshot and its foreign key check: once more,
-            # and the join with the source table leaves it out.
-            return await self._write_once(writes)
-
-    async def _write_once(self, writes: Sequence[VectorWrite]) -> dict[ProjectId, int]:
         vectors = [(write, write.embedding) for write in writes if write.embedding is not None]
         moves = [write for write in writes if write.embedding is None]
         applied: dict[ProjectId, int] = {}
