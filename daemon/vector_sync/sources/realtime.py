@@ -265,7 +265,28 @@ class RealtimeSource:
         ):
             channel.on_postgres_changes(event, self._on_change, table=self._table, schema=self._schema)
         channel.on_system(lambda message: self._on_system(message, trouble, ready))
+        self._guard_frames(channel)
         return channel
+
+    def _guard_frames(self, channel: AsyncRealtimeChannel) -> None:
+        """A frame the channel fails to handle is dropped, not allowed to end the client's receive task.
+
+        realtime 2.34.1 handles each frame inside its receive loop: a presence meta without `phx_ref`
+        (optional in its own types) raises KeyError there and ends the session. We use no presence,
+        so such a frame is junk to us: counted and logged like any malformed frame.
+        """
+        handle = channel._handle_message  # private method of the pinned realtime 2.34.1
+
+        def guarded(message: Any) -> None:
+            try:
+                handle(message)
+            except Exception as exc:
+                event = str(getattr(message, "event", "?"))[:40]
+                self._sink.malformed(Source.REALTIME, f"{event} frame the client cannot handle ({type(exc).__name__})")
+                if event == "postgres_changes":
+                    self._sink.request_recent("a change frame the client could not handle")
+
+        channel._handle_message = guarded  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- callbacks: never raise, never block
 
