@@ -22,7 +22,9 @@ from vector_sync.config import (
     SourceName,
     TableName,
     load_settings,
+    parse_column_list,
     parse_duration,
+    parse_table_name,
 )
 
 DATABASE_URL = "postgresql://vs:db-password-42@127.0.0.1:9/vs"
@@ -476,3 +478,31 @@ def test_help_names_the_variables_the_command_reads(tmp_path: Path, command: str
     result = cli([command, "--help"], tmp_path, {})
     assert result.returncode == 0, result.stderr
     assert variable in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "columns"),
+    [
+        ("name,description", ("name", "description")),
+        (" name , description ", ("name", "description")),
+        ('"a,b", c', ("a,b", "c")),
+        ('" padded "', (" padded ",)),
+        ('"say ""hi"""', ('say "hi"',)),
+        ('pro"jects', ('pro"jects',)),
+        ("Name", ("Name",)),  # column names are taken as written
+    ],
+)
+def test_content_columns_take_double_quotes_for_unusual_names(text: str, columns: tuple[str, ...]) -> None:
+    assert parse_column_list(text) == columns
+
+
+@pytest.mark.parametrize("text", ['"unterminated', '"a"b', 'name, "x" y'])
+def test_a_malformed_column_list_is_a_configuration_error(text: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings(VECTOR_SYNC_CONTENT_COLUMNS=text)
+    assert raised.value.problems[0].startswith("VECTOR_SYNC_CONTENT_COLUMNS")
+
+
+def test_unquoted_table_names_fold_ascii_capitals_only() -> None:
+    assert parse_table_name("Public.MixedCase") == TableName("public", "mixedcase")
+    assert parse_table_name("\u00dcber") == TableName("public", "\u00dcber")

@@ -10,6 +10,7 @@ import base64
 import binascii
 import os
 import re
+import string
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -70,12 +71,15 @@ class TableName:
 
 
 _IDENTIFIER_PART = re.compile(r'"((?:[^"]|"")+)"|([^".\s]+)')
+# Postgres folds unquoted names in a UTF-8 database by ASCII rules only: "Ü" stays "Ü".
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_COLUMN_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,"\s][^,]*?)?)\s*(?:,|$)')
 
 
 def parse_table_name(text: str) -> TableName:
     """`schema.table`, `table` (schema public) or double-quoted parts with any characters.
 
-    Unquoted parts are folded to lower case, as Postgres does. The result is only ever used through
+    Unquoted parts are folded to lower case as Postgres does (A-Z only). The result is only ever used through
     `sqltext.quote_ident`, so odd characters are carried, never pasted.
     """
     parts: list[str] = []
@@ -86,7 +90,7 @@ def parse_table_name(text: str) -> TableName:
         if not match:
             raise ValueError('expected [schema.]table, with "double quotes" around unusual names')
         quoted, bare = match.groups()
-        parts.append(quoted.replace('""', '"') if quoted is not None else bare.lower())
+        parts.append(quoted.replace('""', '"') if quoted is not None else bare.translate(_ASCII_LOWER))
         position = match.end()
         if position == len(text):
             break
@@ -102,6 +106,24 @@ def parse_table_name(text: str) -> TableName:
 
 def _comma_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def parse_column_list(text: str) -> tuple[str, ...]:
+    """`name,description`; a name with a comma, a quote or spaces at its ends goes in double quotes
+    (`"a,b"`, `" padded "`; a quote inside is doubled). Names are taken as written, not case-folded."""
+    columns: list[str] = []
+    position = 0
+    while position < len(text):
+        match = _COLUMN_ITEM.match(text, position)
+        if match is None or match.end() == position:
+            raise ValueError('expected a comma list of column names, with "double quotes" around unusual names')
+        quoted, bare = match.groups()
+        if quoted is not None:
+            columns.append(quoted.replace('""', '"'))
+        elif bare:
+            columns.append(bare)
+        position = match.end()
+    return tuple(columns)
 
 
 def _check_identifier(name: str) -> str:
@@ -211,7 +233,7 @@ class Settings(BaseSettings):
     @classmethod
     def _content_columns(cls, value: object) -> object:
         if isinstance(value, str):
-            columns = tuple(_comma_list(value))
+            columns = parse_column_list(value)
             if not columns:
                 raise ValueError("expected a comma list of column names")
             return tuple(_check_identifier(column) for column in columns)

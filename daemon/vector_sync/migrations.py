@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -123,8 +124,32 @@ async def read_vector_version(conn: asyncpg.Connection) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
+async def check_content_columns(conn: asyncpg.Connection, table: TableName, columns: Sequence[str]) -> None:
+    """Every content column exists: otherwise every batch's read would fail for as long as it runs."""
+    present = await conn.fetchval(
+        """
+        select coalesce(array_agg(a.attname::text), '{}')
+          from pg_attribute a
+          join pg_class c on c.oid = a.attrelid
+          join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = $1 and c.relname = $2 and a.attname = any($3::text[])
+           and a.attnum > 0 and not a.attisdropped
+        """,
+        table.schema,
+        table.name,
+        list(columns),
+    )
+    missing = [column for column in columns if column not in present]
+    if missing:
+        raise SchemaError(
+            f"table {table} has no column {missing[0]!r} (VECTOR_SYNC_CONTENT_COLUMNS); "
+            'a name with a comma or spaces at its ends goes in "double quotes"'
+        )
+
+
 async def read_catalog(conn: asyncpg.Connection, settings: Settings) -> Catalog:
     id_kind = await read_id_kind(conn, settings.table, settings.id_column)
+    await check_content_columns(conn, settings.table, settings.content_columns)
     vector_schema = await read_vector_schema(conn)
     if vector_schema is None:
         raise SchemaError("the pgvector extension is not installed; run `vector-sync migrate`")
