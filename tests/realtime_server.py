@@ -1177,7 +1177,8 @@ class RealtimeServer:
     ) -> None:
         message = None
         if isinstance(raw, str):
-            with contextlib.suppress(ValueError):
+            # A frame too deep to parse (fault injection sends some) is logged unparsed.
+            with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(raw)
                 message = parsed if isinstance(parsed, dict) else None
         self.frames.append(Frame(conn.id, direction, raw, message, time.monotonic(), dropped))
