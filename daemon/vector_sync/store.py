@@ -38,6 +38,9 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
+    # A pooled connection whose backend was terminated mid-operation can refuse the next query with
+    # "cannot switch to state ...; another operation is in progress" (seen under pg_terminate_backend).
+    asyncpg.exceptions.InternalClientError,
 )
 # Any failure to reach or query the database, for callers that report it rather than retry a batch.
 DATABASE_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
