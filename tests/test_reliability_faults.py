@@ -833,28 +833,31 @@ SCENARIOS: list[tuple[str, Scenario]] = [
 ]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 async def test_api_chaos_ends_embedded_with_bounded_retries(logical_pg: str) -> None:
     outcome = await api_chaos(admin_dsn=logical_pg)
     assert outcome["lost"] == 0
     assert outcome["retries"] > 0 and outcome["hangs"] > 0 and outcome["429"] > 0  # the chaos did happen
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(360)
 async def test_realtime_storm_loses_nothing(logical_pg: str) -> None:
     outcome = await realtime_storm(admin_dsn=logical_pg)
     assert outcome["lost"] == 0 and outcome["faults"] == 10
+    # Observed, not chosen: the daemon lost sessions and came back live (with a drift pass) after them.
+    assert outcome["sessions_failed"] > 0 and outcome["readiness"] > 1
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 async def test_a_delete_webhook_delivered_after_the_reinsert_does_not_hide_the_new_row(logical_pg: str) -> None:
     outcome = await late_delete_reinsert(logical_pg)
     assert outcome["lost"] == 0
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(360)
 async def test_webhook_sender_chaos_loses_nothing_and_pays_once(logical_pg: str) -> None:
     outcome = await webhook_chaos(admin_dsn=logical_pg)
     assert outcome["lost"] == 0
     for phase in ("webhook_only", "all_sources"):
         assert outcome[phase]["dropped"] > 0 and outcome[phase]["duplicated"] > 0
+        assert outcome[phase]["copies_answered"] == {202: outcome[phase]["duplicated"]}
