@@ -24,9 +24,10 @@ from typing import Self
 import asyncpg
 import pytest
 from realtime_server import RealtimeServer
-from support import RunningDaemon, all_current, realtime_settings, running, twice_written, wait_until
+from support import RunningDaemon, all_current, realtime_settings, running, stored, twice_written, wait_until
 from vector_sync.events import Source
 from vector_sync.sources.realtime import PING_INTERVAL, PING_TIMEOUT, State
+from vector_sync.store import content_text, sha256_hex
 
 # realtime-py 2.34.1 reads ConnectionClosed.code (deprecated in websockets 15) on its error path; with
 # filterwarnings=error that warning would be raised inside its receive task. Production only prints it.
@@ -385,3 +386,55 @@ async def test_a_missing_readiness_rebuilds_the_session(
         report("no-readiness-3s-timeout", took)
         await settled(handle, live_db, before)
         assert status.sessions_failed >= before.sessions_failed + 2
+
+
+async def test_a_row_deleted_while_the_feed_was_down_keeps_its_new_lifes_edits(
+    live_db: asyncpg.Connection, live_dsn: str, live_server: RealtimeServer
+) -> None:
+    """Realtime alone: DELETEs committed during an outage never arrive, and a re-inserted row's versions
+    start again at 1. Its new life's edits must not be taken for the old life's (found by the fault storm:
+    a row stayed at version 1 of its new life after an edit to 2)."""
+    settings = realtime_settings(live_dsn, live_server, VECTOR_SYNC_SOURCES="realtime")
+    async with running(settings) as handle:
+        ids = await steady(handle, live_db)
+        reinserted_in_gap, reinserted_after = ids[0], ids[1]
+        for n in range(4):  # both rows' first life reaches version 5, embedded
+            await live_db.execute("update projects set description = $2 where id = any($1)", ids[:2], f"old{n}")
+        await wait_until(lambda: all_current(live_db), timeout=DEADLINE, what="the first lives embedded")
+        assert await live_db.fetchval("select min(version) from projects where id = any($1)", ids[:2]) == 5
+        status = handle.daemon.realtime_status
+        drift = handle.daemon.drift
+        assert drift is not None
+        before_gap = (status.generation, status.readiness, drift.passes)
+        live_server.readiness_enabled = False
+        assert live_server.disconnect(1012) == 1
+        await wait_until(
+            lambda: status.generation > before_gap[0] and status.state == State.WAITING_FOR_READINESS,
+            timeout=DEADLINE,
+            what="the new session's join accepted, no readiness yet",
+        )
+        # The gap: nothing is sent for these.
+        await live_db.execute("delete from projects where id = any($1)", ids[:2])
+        await live_db.execute("insert into projects (id, name, description) values ($1, 'new life', 'v1')", ids[0])
+        assert live_server.subscribed() == 0
+        live_server.readiness_enabled = True
+        assert live_server.resubscribe() == 1
+        await wait_until(
+            lambda: is_live(handle) and status.readiness > before_gap[1] and drift.passes > before_gap[2],
+            timeout=DEADLINE,
+            what="live again and the drift pass done",
+        )
+        await wait_until(lambda: all_current(live_db), timeout=DEADLINE, what="the new life's version 1 embedded")
+        # After readiness every change is sent: the new lives' edits are news, not old versions.
+        await live_db.execute("update projects set description = 'v2' where id = $1", reinserted_in_gap)
+        await live_db.execute(
+            "insert into projects (id, name, description) values ($1, 'new life', 'v1')", reinserted_after
+        )
+        await live_db.execute("update projects set description = 'v2' where id = $1", reinserted_after)
+        await wait_until(lambda: all_current(live_db), timeout=DEADLINE, what="the new lives' edits embedded")
+        rows = await live_db.fetch("select id, name, description from projects where id = any($1) order by id", ids[:2])
+        texts = {row["id"]: sha256_hex(content_text([row["name"], row["description"]])) for row in rows}
+        embedded = await stored(live_db)
+        assert {project: embedded[project] for project in ids[:2]} == {
+            project: (2, texts[project]) for project in ids[:2]
+        }

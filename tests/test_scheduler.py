@@ -46,8 +46,10 @@ def taken(scheduler: Scheduler, limit: int = 100) -> list[tuple[str, int]]:
     return [(due.project_id, due.target) for due in dues]
 
 
-def finish(scheduler: Scheduler, key: str, stored: int | None) -> None:
-    scheduler.done(in_hand[key], stored)
+def finish(scheduler: Scheduler, key: str, stored: int | None, *, read: int | None = None) -> None:
+    """The batch settles `key`; it read the row at `read` (by default the version it came for)."""
+    due = in_hand[key]
+    scheduler.done(due, stored, due.target if read is None else read)
 
 
 def test_update_is_due_at_once_insert_after_its_delay(scheduler: Scheduler, clock: Clock) -> None:
@@ -339,3 +341,57 @@ def test_a_late_delete_during_the_old_lifes_flight_runs_the_reinsert_after(sched
     scheduler.offer(event("a", None, Op.DELETE))
     finish(scheduler, "a", None)  # the old life's write was refused: the row it read is gone
     assert [project for project, _ in taken(scheduler)] == ["a"]
+
+
+# A DELETE the daemon never saw (lost in a Realtime outage) leaves an old life's versions behind.
+
+
+def test_a_new_life_stored_after_an_old_one_is_what_the_done_cache_holds(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 12))
+    taken(scheduler)
+    finish(scheduler, "a", 12)  # the first life reached 12; its DELETE was lost with the session
+    # The drift pass after readiness finds the new life at 1, and it is stored.
+    assert scheduler.offer(event("a", 1, source=Source.DRIFT)) is Offer.ACCEPTED
+    taken(scheduler)
+    finish(scheduler, "a", 1)
+    # The new life's next edit is news, not a duplicate of the old life's 12.
+    assert scheduler.offer(event("a", 2, source=Source.REALTIME)) is Offer.ACCEPTED
+
+
+def test_forget_drops_the_done_versions_a_lost_delete_made_wrong(scheduler: Scheduler) -> None:
+    for key in ("a", "b"):
+        scheduler.offer(event(key, 5))
+    taken(scheduler)
+    finish(scheduler, "a", 5)
+    finish(scheduler, "b", 5)
+    scheduler.forget("a")
+    assert scheduler.offer(event("a", 1, Op.INSERT, Source.REALTIME)) is Offer.ACCEPTED
+    assert scheduler.offer(event("b", 5, source=Source.REALTIME)) is Offer.DUPLICATE
+    scheduler.forget()
+    assert scheduler.offer(event("b", 1, Op.INSERT, Source.REALTIME)) is Offer.ACCEPTED
+
+
+def test_a_batch_taken_before_forget_takes_later_events_and_records_nothing(scheduler: Scheduler, clock: Clock) -> None:
+    scheduler.offer(event("a", 12))
+    scheduler.offer(event("b", 7))
+    taken(scheduler)  # both read before the outage: perhaps the old life of their rows
+    scheduler.forget()  # the source was down: DELETEs may have been lost
+    # The new life of a is inserted after readiness: its INSERT is below the flight's 12, yet news.
+    assert scheduler.offer(event("a", 1, Op.INSERT, Source.REALTIME)) is Offer.ACCEPTED
+    finish(scheduler, "a", 12)
+    clock.now += 20  # the INSERT's settle delay
+    assert taken(scheduler) == [("a", 12)]  # looked at again: the batch reads whichever life is there
+    finish(scheduler, "b", 7)
+    # What b's batch stored may be a deleted life's: not remembered, so its copy is looked at.
+    assert scheduler.offer(event("b", 7, source=Source.WEBHOOK)) is Offer.ACCEPTED
+
+
+def test_a_row_read_younger_than_its_target_is_looked_at_again(scheduler: Scheduler) -> None:
+    scheduler.offer(event("a", 12))  # the old life's last edit, still pending when the row was re-inserted
+    assert taken(scheduler) == [("a", 12)]
+    # The batch reads the new life at 1; its edit to 2 arrives meanwhile and looks older than 12.
+    assert scheduler.offer(event("a", 2, source=Source.REALTIME)) is Offer.DUPLICATE
+    finish(scheduler, "a", 1, read=1)
+    assert taken(scheduler) == [("a", 1)]  # a second look reads 2
+    finish(scheduler, "a", 2, read=2)
+    assert scheduler.is_idle()

@@ -148,16 +148,22 @@ class Intake:
             self._malformed_seen.add((source, reason))
             logger.warning("dropped malformed input from {source}: {reason}", source=source.value, reason=reason)
 
+    # A source asks the database only when it may have lost events, a DELETE among them: the versions
+    # the scheduler holds may then be an old life's (versions start again after a re-insert).
+
     def request_drift(self, reason: str) -> None:
+        self.scheduler.forget()
         if self.drift is not None:
             self.drift.request(reason)
 
     def request_recent(self, reason: str) -> None:
+        self.scheduler.forget()
         if self.drift is not None:
             self.drift.request_recent(reason)
 
     def recheck(self, project_id: ProjectId, reason: str) -> None:
         logger.debug("re-check project {project_id}: {reason}", project_id=project_id, reason=reason)
+        self.scheduler.forget(project_id)
         if self.drift is not None:
             self.drift.recheck(project_id, reason)
 

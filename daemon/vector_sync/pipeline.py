@@ -80,10 +80,10 @@ class _Batch:
         self.report = BatchReport(rows=len(dues))
         self._settled: set[str] = set()
 
-    def done(self, due: Due, stored_version: int | None) -> None:
+    def done(self, due: Due, stored_version: int | None, row: RowState | None) -> None:
         if due.project_id not in self._settled:
             self._settled.add(due.project_id)
-            self._scheduler.done(due, stored_version)
+            self._scheduler.done(due, stored_version, None if row is None else row.version)
 
     def defer(self, dues: Iterable[Due], reason: str) -> None:
         count = 0
@@ -225,19 +225,19 @@ class Pipeline:
             row = rows.get(due.project_id)
             if row is None:
                 report.deleted += 1
-                batch.done(due, None)
+                batch.done(due, None, None)
             elif (row.stored_version or 0) >= row.version and (row.stored_model, row.stored_sha256) == (
                 model,
                 row.sha256,
             ):
                 report.current += 1
-                batch.done(due, row.stored_version)
+                batch.done(due, row.stored_version, row)
             elif row.stored_sha256 == row.sha256 and row.stored_model == model:
                 writes.append((due, row, VectorWrite(due.project_id, row.version, row.sha256, None, due.committed_at)))
             elif row.dead_sha256 == row.sha256 and row.dead_model == model:
                 await self._store.note_dead_letter_version(row.project_id, row.version)
                 report.dead += 1
-                batch.done(due, None)
+                batch.done(due, None, row)
             elif not row.text.strip():
                 await self._dead_letter(batch, due, row, "no text to embed: every content column is empty")
             else:
@@ -309,7 +309,7 @@ class Pipeline:
             batch.defer([due for due, _, _ in writes], f"database unavailable: {type(exc).__name__}")
             return
         now = time.time()
-        for due, _, write in writes:
+        for due, row, write in writes:
             stored = applied.get(due.project_id)
             if stored is None:
                 report.refused += 1
@@ -321,7 +321,7 @@ class Pipeline:
                 report.latencies.append(max(0.0, now - due.committed_at))
             # Only what the guard let through counts as done; a refused write (a newer vector, or
             # the row deleted meanwhile) records nothing, so later events are looked at afresh.
-            batch.done(due, stored)
+            batch.done(due, stored, row)
         for latency in report.latencies:
             self._metrics.latency.observe(latency)
         self._metrics.stored.inc(report.embedded)
@@ -341,7 +341,7 @@ class Pipeline:
             version=row.version,
             error=error,
         )
-        batch.done(due, None)
+        batch.done(due, None, row)
 
     def _pause(self, reason: str) -> None:
         now = time.monotonic()

@@ -3,6 +3,12 @@
 States per id (design.md): idle (a cached "done" version), pending (target version, due time) and in
 flight (target version, plus the newest version that arrived meanwhile). Pure in-memory logic with an
 injectable clock; the only awaits are for "something is due" and "there is room".
+
+Every duplicate this drops rests on one assumption: the versions compared belong to the same life of
+the row. Versions start again at 1 after a delete and re-insert, so a DELETE the daemon never saw (a
+Realtime outage, an error event) leaves an old life's version behind, and the new life's edits would
+look old. Hence `forget` when a source may have lost events, and a second look at a row read younger
+than the version it was taken for.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class _InFlight:
     target: int
     committed_at: float | None
     token: int
+    epoch: int  # the scheduler's epoch when taken: what it learns belongs to that epoch
     attempt: int = 0
     newer: int | None = None  # a newer version arrived while embedding: run again after
     newer_due: float = 0.0  # ... once that version has settled
@@ -95,6 +102,8 @@ class Scheduler:
         self._inserts_dropped: OrderedDict[ProjectId, int] = OrderedDict()
         self._heap: list[tuple[float, int, ProjectId]] = []
         self._sequence = 0
+        # Moves on at every `forget`: batches taken before it may have read another life of their row.
+        self._epoch = 0
         self._changed = asyncio.Event()
         self.room = asyncio.Event()
         """Set while there is room for new ids."""
@@ -157,7 +166,7 @@ class Scheduler:
         authoritative = event.source in AUTHORITATIVE_SOURCES
         flight = self._in_flight.get(key)
         if flight is not None:
-            offer = self._offer_in_flight(flight, version, authoritative)
+            offer = self._offer_in_flight(flight, version, authoritative or flight.epoch != self._epoch)
             if offer is Offer.ACCEPTED:
                 flight.newer_due = self._clock() + self._delay(event)
             return offer
@@ -208,14 +217,31 @@ class Scheduler:
         return Offer.CANCELLED
 
     @staticmethod
-    def _offer_in_flight(flight: _InFlight, version: int, authoritative: bool) -> Offer:
+    def _offer_in_flight(flight: _InFlight, version: int, unsure: bool) -> Offer:
+        """`unsure`: the event is the database's word, or the flight's target may be another life's."""
         if flight.deleted:
             flight.newer = max(version, flight.newer or 0)
             return Offer.ACCEPTED
-        if version > max(flight.target, flight.newer or 0) or (authoritative and flight.newer is None):
+        if version > max(flight.target, flight.newer or 0) or (unsure and flight.newer is None):
             flight.newer = max(version, flight.target)
             return Offer.ACCEPTED
         return Offer.DUPLICATE
+
+    def forget(self, project_id: ProjectId | None = None) -> None:
+        """A source may have lost events, DELETEs among them: stop trusting the versions it told us.
+
+        Drops the cached "done" versions (of one id, or all), and makes events for ids in flight count
+        as news. A batch taken before this records nothing when it finishes; the drift pass that goes
+        with a loss looks at every row the database has.
+        """
+        if project_id is None:
+            self._done.clear()
+            self._epoch += 1
+            return
+        self._done.pop(project_id, None)
+        flight = self._in_flight.get(project_id)
+        if flight is not None:
+            flight.epoch = -1
 
     def _refuse_for_room(self) -> Offer:
         now = self._clock()
@@ -258,7 +284,9 @@ class Scheduler:
             heapq.heappop(self._heap)
             del self._pending[key]
             self._sequence += 1
-            self._in_flight[key] = _InFlight(pending.target, pending.committed_at, self._sequence, pending.attempt)
+            self._in_flight[key] = _InFlight(
+                pending.target, pending.committed_at, self._sequence, self._epoch, pending.attempt
+            )
             taken.append(Due(key, pending.target, pending.committed_at, pending.attempt, self._sequence))
         return taken
 
@@ -293,17 +321,22 @@ class Scheduler:
         del self._in_flight[due.project_id]
         return flight
 
-    def done(self, due: Due, stored_version: int | None) -> None:
+    def done(self, due: Due, stored_version: int | None, read_version: int | None = None) -> None:
         """The pipeline finished `due`: `stored_version` is the version it knows is stored now, or
-        None when it stored nothing (row gone, or the store refused the write)."""
+        None when it stored nothing (row gone, or the store refused the write); `read_version` is the
+        version it read (None: the row was gone)."""
         flight = self._settle(due)
         if flight is None:
             return
         key = due.project_id
+        if flight.newer is None and read_version is not None and read_version < flight.target:
+            # The target was committed, so a row younger than it is a new life whose DELETE never came:
+            # the events dropped meanwhile were compared against the old life. Look again.
+            flight.newer, flight.newer_due = read_version, self._clock()
         if flight.newer is not None:
             self._add_pending(key, _Pending(flight.newer, max(self._clock(), flight.newer_due), flight.committed_at))
             return
-        if stored_version is None or flight.deleted:
+        if stored_version is None or flight.deleted or flight.epoch != self._epoch:
             self._done.pop(key, None)
         else:
             self._remember_done(key, stored_version)
@@ -326,8 +359,8 @@ class Scheduler:
         )
 
     def _remember_done(self, key: ProjectId, version: int) -> None:
-        previous = self._done.get(key, 0)
-        self._done[key] = max(previous, version)
+        # What the store holds now, not the largest version seen: after a re-insert it is lower.
+        self._done[key] = version
         self._done.move_to_end(key)
         while len(self._done) > self._done_cache_size:
             self._done.popitem(last=False)
