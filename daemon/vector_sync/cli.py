@@ -188,7 +188,7 @@ async def _read_catalog_for_sql(settings: Settings, vector_schema: str) -> Catal
             return await read_catalog(conn, settings)
         except SchemaError:
             # No pgvector yet: render for the schema given, as the migration will create it.
-            return Catalog(await read_id_kind(conn, settings.table, settings.id_column), vector_schema)
+            return Catalog(await read_id_kind(conn, settings), vector_schema)
     finally:
         await conn.close()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -80,21 +79,28 @@ _ID_TYPES = {
 }
 
 
-async def read_id_kind(conn: asyncpg.Connection, table: TableName, id_column: str) -> IdKind:
-    row = await conn.fetchrow(
+async def read_id_kind(conn: asyncpg.Connection, settings: Settings) -> IdKind:
+    """The id column's kind, once the table, its id column and every content column are found.
+
+    A missing content column is refused here: otherwise every batch's read would fail for as long as
+    the daemon runs.
+    """
+    table = settings.table
+    rows = await conn.fetch(
         """
-        select format_type(a.atttypid, null) as type
+        select a.attname::text as name, format_type(a.atttypid, null) as type
           from pg_attribute a
           join pg_class c on c.oid = a.attrelid
           join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = $1 and c.relname = $2 and a.attname = $3
+         where n.nspname = $1 and c.relname = $2 and a.attname = any($3::text[])
            and a.attnum > 0 and not a.attisdropped
         """,
         table.schema,
         table.name,
-        id_column,
+        [settings.id_column, *settings.content_columns],
     )
-    if row is None:
+    types: dict[str, str] = {row["name"]: row["type"] for row in rows}
+    if settings.id_column not in types:
         exists = await conn.fetchval(
             "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where n.nspname = $1 and c.relname = $2",
@@ -103,11 +109,18 @@ async def read_id_kind(conn: asyncpg.Connection, table: TableName, id_column: st
         )
         if not exists:
             raise SchemaError(f"table {table} does not exist (VECTOR_SYNC_TABLE)")
-        raise SchemaError(f"table {table} has no column {id_column!r} (VECTOR_SYNC_ID_COLUMN)")
-    kind = _ID_TYPES.get(row["type"])
+        raise SchemaError(f"table {table} has no column {settings.id_column!r} (VECTOR_SYNC_ID_COLUMN)")
+    missing = [column for column in settings.content_columns if column not in types]
+    if missing:
+        raise SchemaError(
+            f"table {table} has no column {missing[0]!r} (VECTOR_SYNC_CONTENT_COLUMNS); "
+            'a name with a comma or spaces at its ends goes in "double quotes"'
+        )
+    kind = _ID_TYPES.get(types[settings.id_column])
     if kind is None:
         raise SchemaError(
-            f"id column {id_column!r} of {table} is {row['type']}; expected uuid, bigint, integer or text"
+            f"id column {settings.id_column!r} of {table} is {types[settings.id_column]}; "
+            "expected uuid, bigint, integer or text"
         )
     return kind
 
@@ -124,32 +137,8 @@ async def read_vector_version(conn: asyncpg.Connection) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
-async def check_content_columns(conn: asyncpg.Connection, table: TableName, columns: Sequence[str]) -> None:
-    """Every content column exists: otherwise every batch's read would fail for as long as it runs."""
-    present = await conn.fetchval(
-        """
-        select coalesce(array_agg(a.attname::text), '{}')
-          from pg_attribute a
-          join pg_class c on c.oid = a.attrelid
-          join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = $1 and c.relname = $2 and a.attname = any($3::text[])
-           and a.attnum > 0 and not a.attisdropped
-        """,
-        table.schema,
-        table.name,
-        list(columns),
-    )
-    missing = [column for column in columns if column not in present]
-    if missing:
-        raise SchemaError(
-            f"table {table} has no column {missing[0]!r} (VECTOR_SYNC_CONTENT_COLUMNS); "
-            'a name with a comma or spaces at its ends goes in "double quotes"'
-        )
-
-
 async def read_catalog(conn: asyncpg.Connection, settings: Settings) -> Catalog:
-    id_kind = await read_id_kind(conn, settings.table, settings.id_column)
-    await check_content_columns(conn, settings.table, settings.content_columns)
+    id_kind = await read_id_kind(conn, settings)
     vector_schema = await read_vector_schema(conn)
     if vector_schema is None:
         raise SchemaError("the pgvector extension is not installed; run `vector-sync migrate`")
@@ -229,9 +218,7 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[Migratio
     await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         vector_schema = await ensure_pgvector(conn)
-        catalog = Catalog(
-            await read_id_kind(conn, settings.table, settings.id_column), vector_schema, await read_vector_version(conn)
-        )
+        catalog = Catalog(await read_id_kind(conn, settings), vector_schema, await read_vector_version(conn))
         await conn.execute(
             """
             create schema if not exists vector_sync;
