@@ -14,20 +14,24 @@ A `World` is everything production has around the daemon, on a PostgreSQL with `
   so every change is also announced by a signed webhook to the daemon;
 - the daemon itself as a subprocess, `python -m vector_sync run`, with all three sources on
   (`realtime,webhook,listen`), so it can be killed with SIGKILL and started again. Its stdout and
-  stderr go to one file per world (`world.log_paths`), each start announced by a `=== harness:` line;
+  stderr go to one file per world (`world.log_paths`), each start announced by a `=== harness:` line.
+  It is given a database password (`DAEMON_DB_PASSWORD`: the test servers trust local connections, so
+  it is accepted and unused) and a webhook token (`DAEMON_WEBHOOK_TOKEN`) besides the signing secret,
+  so the secrets scan of tests/conftest.py, which registers such module constants and reads those
+  files, has something to look for in its output;
 - optionally (`proxy=True`) a TCP proxy between the daemon and the database (`test_operations.PgProxy`)
   that `world.cut_database()` / `world.restore_database()` make unreachable and reachable again.
 
 API (stable; other modules import it)::
 
     async with cluster(admin_dsn_or_None) as pg:          # None: start a LogicalPostgres of our own
-        async with World(pg.admin_dsn, name="crash", seed=seed, env={...}, proxy=False) as world:
+        async with World(pg.admin_dsn, name="crash", env={...}, proxy=False) as world:
             async with Writer(world.dsn, seed=seed, rate=25) as writer:
                 await writer.more(20)                      # 20 more committed writes
                 await world.kill()                         # SIGKILL; returns the exit status (-9)
                 await world.start()                        # spawn and wait for /readyz 200
                 await world.start(wait=False)              # spawn only
-                writer.pause(); writer.resume()
+                await world.wait_delivering()              # every source delivered (needs writes)
             check = await world.converged()                # waits (generous deadline), then verify()
             assert check.lost == 0, check.summary()
             await world.stop()                             # SIGTERM, clean exit expected (returns code)
@@ -38,16 +42,19 @@ API (stable; other modules import it)::
     check.lost                                             # missing + stale + wrong
 
 Other members: `world.dsn` (direct DSN of the database), `world.daemon_dsn` (what the daemon uses),
-`world.api`, `world.realtime`, `world.sender` (webhook sender: `.statuses`, `.sent`), `world.url`,
-`world.port`, `world.pid`, `world.alive`, `world.assert_alive()`, `world.starts`, `world.kills`,
-`world.peak_rss_mb()` (largest VmHWM over every daemon process so far), `world.cpu_seconds()`,
-`await world.metrics()`,
-`await world.ready()`, `await world.wait_ready()`, `await world.restart_realtime()`,
+`world.api`, `world.realtime`, `world.sender` (webhook sender: `.statuses`, `.assert_alive()`),
+`world.url`, `world.port`, `world.alive`, `world.assert_alive()` (the daemon and the webhook sender),
+`world.starts`, `world.exit_codes`, `world.log_paths`, `world.log_tail()`, `world.peak_rss_mb()`
+(largest VmHWM over every daemon process so far), `world.cpu_seconds()`, `await world.metrics()`,
+`await world.ready()`, `await world.wait_listening()`, `await world.wait_ready()`, `await
+world.wait_delivering(since)` (each source's events counted, pg_net answered 202), `await
+world.restart_realtime()`, `await world.cut_database()` / `restore_database()`,
 `world.connection()` (async context manager: a fresh connection), `world.log_lines(needle)`,
 `world.unexpected_errors()` (ERROR lines but the designed lost-lease one), `await world.duplicate_writes()`
 ((id, life, version) stored more than once with the same text: `repeated_writes(conn)`), `await
 world.overwritten_writes()` (one life and version stored with several texts: `other_text_writes(conn)`,
-the signature of another life's text landing on a re-inserted row), `world.api_repeats()`.
+the signature of another life's text landing on a re-inserted row), `await world.api_repeats()`.
+`metric(handle, name, **labels)` reads a sample of an in-process daemon (`support.running`).
 
 Scenarios: a scenario is ``async def name(*, soak: bool = False, admin_dsn: str | None = None,
 seed: int | None = None) -> dict`` returning at least ``repetitions``, ``faults``, ``rows_checked`` and
@@ -72,7 +79,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -81,17 +88,27 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
-from embedding_api import EmbeddingAPI, RecordedRequest, expected_embedding
+from embedding_api import EmbeddingAPI, expected_embedding
 from pg_net_standin import PgNetWorker, install
 from realtime_server import LogicalPostgres, RealtimeServer
-from support import AUDIT_SQL, DIMENSIONS, REALTIME_API_KEY, create_database, make_template, wait_until
+from support import (
+    AUDIT_SQL,
+    DIMENSIONS,
+    REALTIME_API_KEY,
+    RunningDaemon,
+    create_database,
+    make_template,
+    wait_until,
+)
 from test_cli import free_port, ready, served_env
-from test_operations import PgProxy, Scrape, _pg_socket, scrape
+from test_operations import PgProxy, Scrape, _pg_socket, grew, scrape
 from test_webhook_delivery import configure, reconcile, tune
 from vector_sync.store import content_text, sha256_hex
 
 __all__ = [
     "CONNECTION_LOST",
+    "DAEMON_DB_PASSWORD",
+    "DAEMON_WEBHOOK_TOKEN",
     "DEADLINE",
     "LIFE_AUDIT_SQL",
     "MODEL",
@@ -104,7 +121,7 @@ __all__ = [
     "Writer",
     "all_current",
     "cluster",
-    "gather_quietly",
+    "metric",
     "other_text_writes",
     "repeated_writes",
     "result",
@@ -121,6 +138,10 @@ MODEL = "text-embedding-3-small"
 # pgvector stores float32 and the test API computes float32: equal up to the text round trip.
 TOLERANCE = 1e-6
 SOURCES = "realtime,webhook,listen"
+# Random per run, so they are in no source line a traceback could print: only the daemon's output can
+# carry them anywhere. tests/conftest.py's secrets scan registers module constants named like these.
+DAEMON_DB_PASSWORD = secrets.token_urlsafe(18)
+DAEMON_WEBHOOK_TOKEN = secrets.token_urlsafe(24)
 # Errors that mean "the connection or the server went away" (a restart, pg_terminate_backend).
 CONNECTION_LOST = (
     OSError,
@@ -305,11 +326,11 @@ async def repeated_writes(conn: asyncpg.Connection) -> list[tuple[int, int, int,
 
 async def other_text_writes(conn: asyncpg.Connection) -> list[tuple[int, int, int, int]]:
     """(id, life, version, texts): one life and version of a row stored with more than one text. A
-    row's version has one text, so all but one were another life's: a batch that read the row before
-    a delete wrote its text onto the row inserted again once that row's version had caught up (the
-    store's guard compares versions only). The daemon corrects it with the next batch for the id, but
-    if it stops before that batch (SIGKILL, a lost lease) the drift pass, which compares versions only,
-    sees nothing to do: see test_reliability_crash.test_an_old_life_text_on_a_reinserted_row_survives_a_kill."""
+    row's version has one text, so all but one were another life's, written by a batch that read the
+    row before a delete, onto the row inserted again once its version had caught up. The store's guard
+    refuses that write (at equal versions the text's hash must be the row's); before it did, a SIGKILL
+    before the correcting batch left the old text for good, as the drift pass compares versions only:
+    test_reliability_crash.test_an_old_life_text_on_a_reinserted_row_survives_a_kill."""
     rows = await conn.fetch(
         "select project_id, life, version, count(distinct content_sha256) from test_audit.life_writes"
         " group by project_id, life, version having count(distinct content_sha256) > 1 order by 1, 2, 3"
@@ -441,8 +462,6 @@ class Writer:
         self.errors = 0  # writes whose connection was lost (outcome unknown to the writer)
         self._texts = 0
         self._stop = asyncio.Event()
-        self._running = asyncio.Event()
-        self._running.set()
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -467,16 +486,9 @@ class Writer:
         self.ids = [row["id"] for row in rows]
         self._task = asyncio.create_task(self._run(), name=f"reliability-writer-{self._tag}")
 
-    def pause(self) -> None:
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
     async def stop(self) -> None:
         """Stop writing (a write under way finishes) and close the connection; raises what killed it."""
         self._stop.set()
-        self._running.set()
         try:
             if self._task is not None:
                 await asyncio.wait_for(self._task, timeout=60)
@@ -508,9 +520,6 @@ class Writer:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
-            await self._running.wait()
-            if self._stop.is_set():
-                break
             try:
                 if self._conn is None or self._conn.is_closed():
                     await self._reconnect()
@@ -588,7 +597,7 @@ class WebhookSender:
     """pg_net's worker (the stand-in) and the reconciler pg_cron would run, as one supervised loop:
     when the database goes away (a restart) both are started again, as a restarted server would run
     them. pg_net's unlogged queue does not survive a crash; the reconciler finds those attempts lost
-    and sends them again."""
+    and sends them again. Any other error ends the loop: `assert_alive` raises it."""
 
     def __init__(self, dsn: str, *, reconcile_every: float = 0.5) -> None:
         self._dsn = dsn
@@ -597,23 +606,25 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         self.worker: PgNetWorker | None = None
         self._finished: list[PgNetWorker] = []
-        self.restarts = 0
-        self.last_error: str | None = None
-        self.reconciles = 0
-        self.totals: Counter[str] = Counter()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reliability-webhook-sender")
 
     async def close(self) -> None:
+        """Stop the loop; raises what ended it, if something did."""
         self._stop.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, timeout=30)
 
-    @property
-    def sent(self) -> int:
-        workers = [*self._finished, *([self.worker] if self.worker is not None else [])]
-        return sum(len(worker.sent) for worker in workers)
+    def assert_alive(self) -> None:
+        """Raise what ended the loop before `close` asked it to stop (or, after `close`, what it ended with)."""
+        if self._task is None or not self._task.done():
+            return
+        if self._task.cancelled():
+            raise AssertionError("the webhook sender did not stop within 30 s")
+        self._task.result()  # raises what ended it
+        if not self._stop.is_set():
+            raise AssertionError("the webhook sender stopped early")
 
     @property
     def statuses(self) -> Counter[str]:
@@ -627,13 +638,9 @@ class WebhookSender:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            # Only the database going away is recovered from; anything else ends the task with its error.
+            with contextlib.suppress(*CONNECTION_LOST):
                 await self._serve()
-            except (*CONNECTION_LOST, asyncpg.PostgresError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            if self._stop.is_set():
-                break
-            self.restarts += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.5)
 
@@ -645,10 +652,7 @@ class WebhookSender:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=5)
             while not self._stop.is_set():
-                for key, value in (await reconcile(conn)).items():
-                    if isinstance(value, int):
-                        self.totals[key] += value
-                self.reconciles += 1
+                await reconcile(conn)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self._every)
         finally:
@@ -656,8 +660,9 @@ class WebhookSender:
                 conn.terminate()
             self.worker = None
             self._finished.append(worker)
-            # The worker dies with its connection when the database goes; its error is expected then.
-            with contextlib.suppress(Exception):
+            # The worker dies with its connection when the database goes: that error is expected, and
+            # `close` raises any other the worker ended with.
+            with contextlib.suppress(*CONNECTION_LOST):
                 await asyncio.wait_for(worker.close(), 10)
 
 
@@ -683,20 +688,14 @@ class World:
         admin_dsn: str,
         *,
         name: str,
-        seed: int,
         env: dict[str, str] | None = None,
         proxy: bool = False,
-        log_dir: Path | None = None,
         api_latency: float = 0.02,
         start_daemon: bool = True,
     ) -> None:
         self.admin_dsn = admin_dsn
-        self.name = name
-        self.seed = seed
         self._env_overrides = dict(env or {})
         self._use_proxy = proxy
-        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"vs-{name}-"))
-        self._api_latency = api_latency
         self._start_daemon = start_daemon
         self.dsn = ""
         self.daemon_dsn = ""
@@ -707,9 +706,8 @@ class World:
         self.proxy: PgProxy | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
-        self.kills = 0
         self.lives: list[tuple[float, float | None]] = []  # (spawned, ended) in time.monotonic()
-        self._log_path = self.log_dir / "daemon.log"
+        self._log_path = Path(tempfile.mkdtemp(prefix=f"vs-{name}-")) / "daemon.log"
         self._log: IO[bytes] | None = None
         self._peak_rss_kb = 0
         self._realtime_port = 0
@@ -729,6 +727,8 @@ class World:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+        if exc is None and self.sender is not None:
+            self.sender.assert_alive()  # a scenario that passed with the sender dead proved less than it says
 
     async def _open(self) -> None:
         self.dsn = await create_database(self.admin_dsn)
@@ -747,18 +747,20 @@ class World:
         self._realtime_port = urlsplit(self.realtime.url).port or 0
         self.sender = WebhookSender(self.dsn)
         await self.sender.start()
-        self.daemon_dsn = self.dsn
+        assert "postgres:@" in self.dsn, f"expected a DSN without a password: {self.dsn}"
+        self.daemon_dsn = self.dsn.replace("postgres:@", f"postgres:{DAEMON_DB_PASSWORD}@", 1)
         if self._use_proxy:
             socket_path, database = _pg_socket(self.dsn)
             self.proxy = PgProxy(socket_path)
             await self.proxy.restore()
-            self.daemon_dsn = f"postgresql://postgres@127.0.0.1:{self.proxy.port}/{database}"
+            self.daemon_dsn = f"postgresql://postgres:{DAEMON_DB_PASSWORD}@127.0.0.1:{self.proxy.port}/{database}"
         self._log = self._log_path.open("ab")
         if self._start_daemon:
             await self.start()
 
     async def close(self) -> None:
-        """Stop the daemon (SIGTERM, then SIGKILL) and everything around it."""
+        """Stop the daemon (SIGTERM, then SIGKILL) and everything around it; an error of the webhook
+        sender is left for `__aexit__` (`sender.assert_alive`) to raise."""
         if self.process is not None and self.process.returncode is None:
             try:
                 await self.stop(timeout=30)
@@ -800,6 +802,8 @@ class World:
             "VECTOR_SYNC_SHUTDOWN_GRACE": "5s",
             "VECTOR_SYNC_STARTUP_TIMEOUT": "120s",
             "VECTOR_SYNC_REALTIME_READY_TIMEOUT": "10s",
+            # pg_net's requests are signed; the token is there for the daemon to keep out of its output.
+            "VECTOR_SYNC_WEBHOOK_TOKEN": DAEMON_WEBHOOK_TOKEN,
             "XDG_RUNTIME_DIR": tempfile.gettempdir(),
         }
         values.update(self._env_overrides)
@@ -808,10 +812,6 @@ class World:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
 
     @property
     def alive(self) -> bool:
@@ -909,9 +909,12 @@ class World:
         await wait_until(answered, timeout=timeout, what=f"the daemon ready (log: {self._log_path})")
 
     def assert_alive(self) -> None:
+        """The daemon runs, and so does the webhook sender (or the scenario is not what it claims)."""
         if not self.alive:
             code = self.process.returncode if self.process is not None else None
             raise AssertionError(f"the daemon exited with {code}; its log ends:\n{self.log_tail()}")
+        if self.sender is not None:
+            self.sender.assert_alive()
 
     async def _ended(self) -> int:
         assert self.process is not None
@@ -928,7 +931,6 @@ class World:
             return self.process.returncode
         self._sample_rss()
         self.process.send_signal(signal.SIGKILL)
-        self.kills += 1
         code = await self._ended()
         self._mark(f"killed (exit {code})")
         return code
@@ -970,6 +972,30 @@ class World:
 
     async def metrics(self) -> Scrape:
         return await scrape(self.url)
+
+    async def wait_delivering(self, since: Scrape | None = None, timeout: float = DEADLINE) -> dict[str, int]:
+        """Until every source has delivered: the current daemon process counted change events from
+        Realtime, the webhook and LISTEN (more than in `since`, an earlier scrape of the same process),
+        and pg_net's sender got a 202 after this call. Proof that all sources are on, not merely
+        configured; writes must be going on. Returns the events counted by source."""
+        assert self.sender is not None
+        sender = self.sender
+        answered = sender.statuses["202"]
+        before = since or Scrape({})
+        events: dict[str, int] = {}
+
+        async def delivered() -> bool:
+            self.assert_alive()
+            now = await self.metrics()
+            for source in SOURCES.split(","):
+                events[source] = int(grew(before, now, "vector_sync_events_total", source=source))
+            return sender.statuses["202"] > answered and all(count > 0 for count in events.values())
+
+        try:
+            await wait_until(delivered, timeout=timeout, what=f"events from every source (log: {self._log_path})")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; events counted {events}, pg_net's answers {dict(sender.statuses)}") from None
+        return events
 
     # --- what is around it ------------------------------------------------------------------
 
@@ -1018,29 +1044,33 @@ class World:
         async with self.connection() as conn:
             return await other_text_writes(conn)
 
-    def successful_requests(self) -> list[RecordedRequest]:
-        return [request for request in self.api.requests if request.succeeded]
+    async def api_repeats(self) -> dict[str, Any]:
+        """What the daemon paid the API for twice. Every text the writer makes is new, so a text embedded
+        twice was paid twice. Within one daemon process that breaks "pays once". Across a SIGKILL it is
+        what the kill cost, a batch answered (or still in flight) when the process died whose vector
+        never reached the database; so a text sent to the API after its vector was stored breaks it too.
 
-    def api_repeats(self) -> tuple[int, int]:
-        """(texts the API embedded more than once, of those how many repeated within one daemon process).
-
-        Every text the writer makes is new, so a repeat means the daemon paid twice. Within one process
-        that breaks "pays once"; across a SIGKILL it is what the kill cost: a batch embedded but not yet
-        stored dies with the process."""
-        seen: dict[str, list[float]] = {}
-        for request in self.successful_requests():
-            assert request.finished_at is not None
-            for text in set(request.inputs):
-                seen.setdefault(text, []).append(request.finished_at)
-        repeated = within = 0
-        for moments in seen.values():
-            if len(moments) < 2:
+        Returns ``repeated`` (texts embedded more than once), ``within_one_process`` and
+        ``after_stored`` (the first 20 texts breaking each rule). A request belongs to the process
+        alive when it started (a killed process's request may finish after the next one started)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch("select content_sha256, min(at) from test_audit.life_writes group by 1")
+        first_stored = {row[0]: row[1].timestamp() for row in rows}
+        to_wall_clock = time.time() - time.monotonic()  # the database's clock_timestamp() is this host's
+        lives: dict[str, list[int]] = {}
+        after_stored: list[str] = []
+        for request in self.api.requests:
+            if not request.succeeded:
                 continue
-            repeated += 1
-            lives = [life for life in (self._life_of(moment) for moment in moments) if life >= 0]
-            if len(set(lives)) < len(lives):
-                within += 1
-        return repeated, within
+            life = self._life_of(request.started_at)
+            for text in set(request.inputs):
+                lives.setdefault(text, []).append(life)
+                stored = first_stored.get(sha256_hex(text))
+                if stored is not None and stored < request.started_at + to_wall_clock:
+                    after_stored.append(text)
+        repeated = [text for text, its in lives.items() if len(its) > 1]
+        within = [text for text in repeated if len(set(lives[text])) < len(lives[text])]
+        return {"repeated": len(repeated), "within_one_process": within[:20], "after_stored": after_stored[:20]}
 
     def _life_of(self, moment: float) -> int:
         for number, (spawned, ended) in enumerate(self.lives):
@@ -1049,9 +1079,7 @@ class World:
         return -1
 
 
-async def gather_quietly(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel and await background tasks (a scenario's helpers) without letting a cancellation escape."""
-    pending = list(tasks)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+def metric(handle: RunningDaemon, name: str, **labels: str) -> float:
+    """A sample of an in-process daemon's metrics (`support.running`); 0 before its first increment."""
+    value = handle.daemon.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

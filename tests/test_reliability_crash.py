@@ -2,9 +2,13 @@
 all three sources on (Realtime, signed webhooks from the pg_net stand-in, LISTEN); see reliability.py.
 
 Every scenario ends by checking every row's stored vector against its current version and text
-(`reliability.verify`): lost = missing + stale + wrong must be 0. Each is a plain async function of its
-size (`soak=False`: CI, `soak=True`: bench/soak.py, which imports `SCENARIOS`) and returns
-``{"repetitions", "faults", "rows_checked", "lost", ...}``.
+(`reliability.verify`): lost = missing + stale + wrong must be 0. Each also checks that every source
+delivered (`World.wait_delivering`: Realtime, webhook and LISTEN events counted by the daemon, a 202
+to pg_net): on the last daemon process of kill-9, during webhook-load, and after each fault of the
+database scenarios, once the daemon showed it saw the fault (`came_back`: its LISTEN source logged
+down, a drift pass since). Each is a plain async function of its size (`soak=False`: CI, `soak=True`:
+bench/soak.py, which imports `SCENARIOS`) and returns ``{"repetitions", "faults", "rows_checked",
+"lost", ...}``.
 
 - **kill-9**: SIGKILL at random moments (CI 5, soak 20) during the mixed workload, restarting each time;
   some kills land during the start-up drift pass, before the daemon is ready.
@@ -15,7 +19,7 @@ size (`soak=False`: CI, `soak=True`: bench/soak.py, which imports `SCENARIOS`) a
 - **database-unreachable**: a TCP proxy between the daemon and the database drops every connection and
   refuses new ones for 10 s (CI) or 30 s (soak); the daemon must not exit.
 - **webhook-load**: 200 signed webhooks a second (CI 10 s, soak 60 s), a third of them duplicates, with
-  everything else on: no 5xx, nothing lost, the daemon's peak RSS bounded.
+  everything else on: no 5xx, nothing lost, the daemon's peak RSS bounded; the rate reached is reported.
 
 The seed is printed (`SEED ...`); RELIABILITY_SEED replays it.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,11 +49,9 @@ from reliability import (
     scenario_rng,
 )
 from support import signed_headers, wait_until, webhook_body
+from test_operations import Scrape, grew
 from vector_sync.store import content_text, sha256_hex
 
-# The daemon's most concurrent batches and their size (its defaults): what one SIGKILL can cut.
-MAX_CONCURRENT_BATCHES = 4
-BATCH_SIZE = 100
 RSS_BOUND_MB = 300.0
 
 
@@ -63,11 +66,48 @@ def assert_clean(world: World, check: Check, scenario: str, seed: int) -> None:
 
 async def audited(world: World, scenario: str, seed: int) -> None:
     """No (id, life, version) stored twice with the same text, nor with another life's text (the race
-    of `test_an_old_life_text_...`, which the store's guard now refuses)."""
+    of `test_an_old_life_text_...`, which the store's guard refuses)."""
     duplicates = await world.duplicate_writes()
     assert duplicates == [], f"{scenario} seed {seed}: (id, life, version, times) written twice: {duplicates[:20]}"
     overwritten = await world.overwritten_writes()
     assert overwritten == [], f"{scenario} seed {seed}: another life's text stored: {overwritten[:20]}"
+
+
+# What the daemon logs when its LISTEN connection goes (or the lease with it). Its source reconnect
+# counter cannot tell: every term as leader starts its sources afresh, so a lost lease resets it.
+LISTEN_DOWN = "source listen is down"
+
+
+@dataclass(frozen=True)
+class Before:
+    """The daemon as a fault found it: a scrape and how often it had lost LISTEN."""
+
+    scrape: Scrape
+    listen_down: int
+
+
+async def before_fault(world: World) -> Before:
+    return Before(await world.metrics(), len(world.log_lines(LISTEN_DOWN)))
+
+
+async def came_back(world: World, before: Before, fault: str) -> Scrape:
+    """Until the daemon shows it saw `fault` and recovered: since `before` (of the same process) it
+    logged its LISTEN source down and ran a drift pass, and /readyz answers 200. Returns the scrape
+    that showed it."""
+    last = before.scrape
+
+    async def back() -> bool:
+        nonlocal last
+        world.assert_alive()
+        last = await world.metrics()
+        return (
+            len(world.log_lines(LISTEN_DOWN)) > before.listen_down
+            and grew(before.scrape, last, "vector_sync_drift_passes_total") > 0
+            and await world.ready()
+        )
+
+    await wait_until(back, timeout=DEADLINE, what=f"LISTEN lost, a drift pass and /readyz 200 after {fault}")
+    return last
 
 
 # ------------------------------------------------------------------------------------------ kill -9
@@ -84,7 +124,7 @@ async def kill_9(*, soak: bool = False, admin_dsn: str | None = None, seed: int 
     name = "kill-9"
     seed, rng = scenario_rng(name, seed)
     kills = 20 if soak else 5
-    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name, seed=seed, api_latency=0.05) as world:
+    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name, api_latency=0.05) as world:
         async with Writer(world.dsn, seed=seed, rate=30.0, initial=40) as writer:
             await writer.more(10)
             for _ in range(kills):
@@ -96,23 +136,26 @@ async def kill_9(*, soak: bool = False, admin_dsn: str | None = None, seed: int 
                 await world.start(wait=False)
             await world.wait_ready()
             await writer.more(20)
+            # On the last process: the killed ones are cut at random, often before a source has spoken.
+            events = await world.wait_delivering()
         check = await world.converged()
         assert_clean(world, check, name, seed)
         await audited(world, name, seed)
-        repeated, within_one_life = world.api_repeats()
-        # Within one process a text goes to the API once ("pays once"). A kill can cost the batches it
-        # cut: embedded (paid) but not stored, so the next process embeds them again.
-        assert within_one_life == 0, f"{name} seed {seed}: a text was embedded twice by one daemon process"
-        assert repeated <= kills * MAX_CONCURRENT_BATCHES * BATCH_SIZE
+        # Within one process a text goes to the API once ("pays once"); after a kill the next process
+        # embeds only what the database lacks, so what a kill may cost is the batches it cut.
+        repeats = await world.api_repeats()
+        assert repeats["within_one_process"] == [], f"{name} seed {seed}: embedded twice by one process: {repeats}"
+        assert repeats["after_stored"] == [], f"{name} seed {seed}: embedded again once stored: {repeats}"
         assert await world.stop() == 0
         return result(
             repetitions=kills,
-            faults=world.kills,
+            faults=world.exit_codes.count(-signal.SIGKILL),
             check=check,
             world=world,
             writes=writer.writes,
             ops=dict(writer.ops),
-            api_repeats=repeated,
+            api_repeats=repeats["repeated"],
+            events_last_process=events,
             webhooks=dict(world.sender.statuses) if world.sender else {},
             exit_codes=world.exit_codes,
         )
@@ -125,31 +168,34 @@ async def postgres_restart(
     *, soak: bool = False, admin_dsn: str | None = None, seed: int | None = None
 ) -> dict[str, Any]:
     """`pg_ctl stop -m fast` and `-m immediate` mid-stream, start again after 0 to 2 s (faults: the
-    restarts); the daemon keeps running and recovers by itself. Always on a PostgreSQL of its own
-    (`admin_dsn` is ignored: the session's server is shared with other tests). The Realtime server is
-    started again after each restart (its replication slot and connection are gone, as on Supabase);
-    the webhook sender and the writer reconnect."""
+    restarts); the daemon keeps running, sees each restart (LISTEN lost, a drift pass since) and every
+    source delivers again after it. Always on a PostgreSQL of its own (`admin_dsn` is ignored: the
+    session's server is shared with other tests). The Realtime server is started again after each
+    restart (its replication slot and connection are gone, as on Supabase); the webhook sender and the
+    writer reconnect."""
     del admin_dsn
     name = "postgres-restart"
     seed, rng = scenario_rng(name, seed)
     rounds = 5 if soak else 1
     modes: Counter[str] = Counter()
-    async with cluster(None) as pg, World(pg.admin_dsn, name=name, seed=seed) as world:
+    async with cluster(None) as pg, World(pg.admin_dsn, name=name) as world:
         async with Writer(world.dsn, seed=seed, rate=25.0) as writer:
             await writer.more(10)
             for _ in range(rounds):
                 for mode in ("fast", "immediate"):
                     await writer.more(rng.randint(5, 20))
+                    before = await before_fault(world)
                     await pg.restart(mode, down_for=rng.uniform(0.0, 2.0))
                     modes[mode] += 1
                     await world.restart_realtime()
-                    world.assert_alive()
-                    await world.wait_ready(timeout=90)
+                    back = await came_back(world, before, f"pg_ctl stop -m {mode}")
+                    await world.wait_delivering(since=back)
                     await writer.more(10)
         check = await world.converged()
         assert_clean(world, check, name, seed)
         await audited(world, name, seed)
         assert world.starts == 1 and world.alive, "the daemon exited during a database restart"
+        listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
         return result(
             repetitions=rounds,
@@ -157,17 +203,19 @@ async def postgres_restart(
             check=check,
             world=world,
             restarts=dict(modes),
+            listen_lost=listen_lost,
             writes=writer.writes,
             writer_errors=writer.errors,
         )
 
 
 async def _terminate_daemon_backends(conn: asyncpg.Connection) -> list[str]:
+    """The application_name of every backend of the daemon that pg_terminate_backend signalled."""
     rows = await conn.fetch(
-        "select application_name, pg_terminate_backend(pid) from pg_stat_activity"
+        "select application_name, pg_terminate_backend(pid) as terminated from pg_stat_activity"
         " where datname = current_database() and application_name like 'vector-sync%'"
     )
-    return sorted(row["application_name"] for row in rows)
+    return sorted(row["application_name"] for row in rows if row["terminated"])
 
 
 async def terminate_backends(
@@ -175,32 +223,30 @@ async def terminate_backends(
 ) -> dict[str, Any]:
     """`pg_terminate_backend` of every connection of the daemon (pool, LISTEN, lease: found by
     application_name) mid-stream (faults: the backends terminated); each round waits for the daemon
-    to be back (a new drift pass and /readyz 200) before the next."""
+    to be back (LISTEN lost, a new drift pass, /readyz 200) and every source to deliver again before
+    the next."""
     name = "terminate-backends"
     seed, rng = scenario_rng(name, seed)
     rounds = 20 if soak else 3
     terminated: Counter[str] = Counter()
-    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name, seed=seed) as world:
+    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name) as world:
         async with Writer(world.dsn, seed=seed, rate=25.0) as writer, world.connection() as admin:
             await writer.more(10)
             for _ in range(rounds):
                 await writer.more(rng.randint(5, 25))
-                passes = (await world.metrics())("vector_sync_drift_passes_total")
+                before = await before_fault(world)
                 names = await _terminate_daemon_backends(admin)
                 # At least the lease and the LISTEN connection (and the pool's open connections).
                 assert {"vector-sync-lease", "vector-sync-listen"} <= set(names), names
                 terminated.update(names)
-
-                async def recovered(passes: float = passes) -> bool:
-                    world.assert_alive()
-                    return (await world.metrics())("vector_sync_drift_passes_total") > passes and await world.ready()
-
-                await wait_until(recovered, timeout=DEADLINE, what="a drift pass and /readyz 200 after the terminate")
+                back = await came_back(world, before, "pg_terminate_backend")
+                await world.wait_delivering(since=back)
                 await writer.more(5)
         check = await world.converged()
         assert_clean(world, check, name, seed)
         await audited(world, name, seed)
         assert world.starts == 1 and world.alive
+        listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
         return result(
             repetitions=rounds,
@@ -208,6 +254,7 @@ async def terminate_backends(
             check=check,
             world=world,
             terminated=dict(terminated),
+            listen_lost=listen_lost,
             writes=writer.writes,
         )
 
@@ -219,7 +266,8 @@ async def database_unreachable(
     ones (faults: the outages) for `outage` seconds (CI 10 s, soak 30 s: the CI size keeps the test under a minute; the
     daemon's behaviour does not change past the lease's 10 s reconnect back-off cap), while the writer
     goes on. As designed (docs/design.md, "Two instances" and "Database failures"), the daemon does not
-    exit: it loses the lease, stands by (/readyz 503), takes the lease again and runs a drift pass."""
+    exit: it loses the lease and LISTEN, stands by (/readyz 503), takes the lease again and runs a
+    drift pass, and every source delivers again."""
     name = "database-unreachable"
     seed, rng = scenario_rng(name, seed)
     outage = 30.0 if soak else 10.0
@@ -227,12 +275,13 @@ async def database_unreachable(
     not_ready_seen = 0
     async with (
         cluster(admin_dsn) as pg,
-        World(pg.admin_dsn, name=name, seed=seed, proxy=True) as world,
+        World(pg.admin_dsn, name=name, proxy=True) as world,
         Writer(world.dsn, seed=seed, rate=20.0) as writer,
     ):
         await writer.more(10)
         for _ in range(rounds):
             await writer.more(rng.randint(5, 20))
+            before = await before_fault(world)
             await world.cut_database()
             cut_at = time.monotonic()
             while time.monotonic() - cut_at < outage:
@@ -241,8 +290,8 @@ async def database_unreachable(
                     not_ready_seen += 1
                 await asyncio.sleep(0.5)
             await world.restore_database()
-            world.assert_alive()
-            await world.wait_ready(timeout=90)
+            back = await came_back(world, before, "the outage")
+            await world.wait_delivering(since=back)
             await writer.more(10)
         assert not_ready_seen > 0, "/readyz never said the database was gone"
         await writer.stop()
@@ -250,6 +299,7 @@ async def database_unreachable(
         assert_clean(world, check, name, seed)
         await audited(world, name, seed)
         assert world.starts == 1 and world.alive
+        listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
         return result(
             repetitions=rounds,
@@ -257,6 +307,7 @@ async def database_unreachable(
             check=check,
             world=world,
             outage_seconds=outage,
+            listen_lost=listen_lost,
             writes=writer.writes,
         )
 
@@ -268,6 +319,10 @@ WEBHOOK_RATE = 200.0  # a second
 # from 127.0.0.1: 200/s here plus one per change from pg_net (about 130/s), so 500/s lets the designed
 # load through while still being a limit; a 429 would be retried after its Retry-After.
 WEBHOOK_RATE_LIMIT = 500
+# The load shares this process with the test API, the Realtime server and the pg_net stand-in, on a
+# shared machine: the rate reached is measured and reported, and only this floor shows that the load
+# really happened.
+LOAD_FLOOR = 100.0  # a second
 
 
 @dataclass
@@ -372,12 +427,12 @@ def _percentile(values: list[float], share: float) -> float:
 async def webhook_load(*, soak: bool = False, admin_dsn: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """200 signed webhooks a second (CI 10 s, soak 60 s), a third duplicates (faults: the duplicates),
     with Realtime, LISTEN, the pg_net sender and a mixed writer on: no 5xx, every webhook answered 202
-    in the end, nothing lost, the daemon's peak RSS under 300 MB."""
+    in the end, nothing lost, the daemon's peak RSS under 300 MB; the rate reached is reported."""
     name = "webhook-load"
     seed, rng = scenario_rng(name, seed)
     seconds = 60.0 if soak else 10.0
     env = {"VECTOR_SYNC_WEBHOOK_RATE_LIMIT": str(WEBHOOK_RATE_LIMIT)}
-    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name, seed=seed, env=env) as world:
+    async with cluster(admin_dsn) as pg, World(pg.admin_dsn, name=name, env=env) as world:
         load = Load(world.url, world.dsn, rng)
         async with Writer(world.dsn, seed=seed, rate=10.0) as writer:
             cpu_before, harness_before, started = world.cpu_seconds(), time.process_time(), time.monotonic()
@@ -386,6 +441,7 @@ async def webhook_load(*, soak: bool = False, admin_dsn: str | None = None, seed
             daemon_cpu = (world.cpu_seconds() - cpu_before) / took
             # This process also runs the test API, the Realtime server and the pg_net stand-in.
             harness_cpu = (time.process_time() - harness_before) / took
+            events = await world.wait_delivering()
         check = await world.converged()
         assert_clean(world, check, name, seed)
         await audited(world, name, seed)
@@ -395,7 +451,7 @@ async def webhook_load(*, soak: bool = False, admin_dsn: str | None = None, seed
         fives = {status: n for status, n in [*load.statuses.items(), *pg_net.items()] if status.startswith("5")}
         assert fives == {}, f"{name} seed {seed}: 5xx answers {fives}"
         assert load.undelivered == 0 and load.statuses["202"] == load.unique + load.duplicates, load.statuses
-        assert achieved >= 0.8 * WEBHOOK_RATE, f"the load reached only {achieved:.0f}/s"
+        assert achieved >= LOAD_FLOOR, f"the load reached only {achieved:.0f}/s"
         assert peak < RSS_BOUND_MB, f"the daemon's peak RSS was {peak:.0f} MB"
         assert await world.stop() == 0
         outcome = result(
@@ -414,6 +470,7 @@ async def webhook_load(*, soak: bool = False, admin_dsn: str | None = None, seed
             daemon_cpu_percent=round(100 * daemon_cpu),
             harness_cpu_percent=round(100 * harness_cpu),
             pg_net_statuses=dict(pg_net),
+            events=events,
             peak_rss_mb=round(peak, 1),
             writes=writer.writes,
         )
@@ -439,22 +496,25 @@ async def test_kill_9_at_random_moments_loses_nothing(logical_pg: str) -> None:
     versions), so a write that committed is never made again and one that did not left nothing behind.
     What a kill can repeat is the API call of a batch it cut (checked in `kill_9`), never a write."""
     outcome = await kill_9(admin_dsn=logical_pg)
-    assert outcome["lost"] == 0 and outcome["faults"] == 5
-    assert outcome["exit_codes"] == [-9] * 5 + [0]  # observed: five SIGKILLs, then a clean stop
+    assert outcome["lost"] == 0
+    assert outcome["exit_codes"] == [-signal.SIGKILL] * 5 + [0]  # the daemon's statuses: five kills, a clean stop
     print(f"RESULT kill-9 {outcome}")
 
 
 @pytest.mark.timeout(360)
 async def test_postgres_restart_fast_and_immediate_loses_nothing() -> None:
+    """The scenario also fails unless the daemon saw each restart (`came_back`)."""
     outcome = await postgres_restart()
-    assert outcome["lost"] == 0 and outcome["restarts"] == {"fast": 1, "immediate": 1}
+    assert outcome["lost"] == 0
     print(f"RESULT postgres-restart {outcome}")
 
 
 @pytest.mark.timeout(360)
 async def test_terminated_backends_lose_nothing(logical_pg: str) -> None:
+    """The scenario also fails unless each round found the lease and LISTEN backends to terminate and
+    the daemon came back from it (`came_back`)."""
     outcome = await terminate_backends(admin_dsn=logical_pg)
-    assert outcome["lost"] == 0 and outcome["repetitions"] == 3
+    assert outcome["lost"] == 0
     print(f"RESULT terminate-backends {outcome}")
 
 
@@ -482,9 +542,10 @@ async def test_an_old_life_text_on_a_reinserted_row_survives_a_kill(logical_pg: 
     inserted again (version 1) and edited (version 2, new text). Before the fix the batch's upsert
     joined the new row (`t.version >= 2` holds) and stored the *old* text as version 2; a kill before
     the correcting batch left it there for good, since the start-up drift pass compares versions only.
-    Now the write is refused: at equal versions the row's text must hash to what was embedded."""
+    Now the write is refused: at equal versions the row's text must hash to what was embedded. The
+    kill comes while the correcting batch waits on the API, so only the database can tell."""
     seed, _ = scenario_rng("old-life-text", None)
-    async with World(logical_pg, name="old-life-text", seed=seed, api_latency=0.0) as world, world.connection() as db:
+    async with World(logical_pg, name="old-life-text", api_latency=0.0) as world, world.connection() as db:
         project = await db.fetchval("insert into projects (name, description) values ('x', 'first text') returning id")
         await wait_until(lambda: all_current(db), timeout=DEADLINE, what="the row embedded")
 
@@ -497,24 +558,33 @@ async def test_an_old_life_text_on_a_reinserted_row_survives_a_kill(logical_pg: 
             timeout=DEADLINE,
             what="the batch holding the old text waiting on the API",
         )
+        # Milliseconds against the API's 2 s: the old batch will write onto the new life's version 2.
         await db.execute("delete from projects where id = $1", project)
         await db.execute("insert into projects (id, name, description) values ($1, 'x', 'x')", project)  # v1
         await db.execute("update projects set description = 'new life text' where id = $1", project)  # v2
         assert await db.fetchval("select version from projects where id = $1", project) == 2
 
-        # The old batch settles before the id can go out again, so a request holding the new text in
-        # flight means the old batch's write was made (and refused) and the correcting batch waits.
+        # The scheduler sends an id out again only once its batch has settled, so the correcting batch
+        # (the new text) in flight means the old batch is done: its request answered, its write made.
         await wait_until(
             lambda: any(request.in_flight and new_text in request.inputs for request in world.api.requests),
             timeout=DEADLINE,
             what="the correcting batch (the new text) waiting on the API",
         )
         assert all(not request.in_flight for request in world.api.requests if old_text in request.inputs)
+        # The old batch's write was refused: its batch line says so, and the row holds no vector (the
+        # delete's cascade took the first life's; the correcting batch has not written yet).
+        await wait_until(
+            lambda: any(" refused=1 " in line for line in world.log_lines("batch rows=1 ")),
+            timeout=DEADLINE,
+            what="the old batch's line, refused=1, in the daemon's log",
+        )
         stored = await db.fetchval(
             "select content_sha256 from vector_sync.project_embeddings where project_id = $1", project
         )
-        assert stored != sha256_hex(old_text), "another life's text was stored at the re-inserted row's version"
-        await world.kill()  # the correcting batch dies with the process: only the database can tell
+        old_life = stored == sha256_hex(old_text)
+        assert stored is None, f"a vector was stored at the re-inserted row's version 2 (the old text's: {old_life})"
+        await world.kill()  # the correcting batch dies with the process
         world.api.latency = 0.0
         await world.start()
         check = await world.converged(timeout=DEADLINE)
