@@ -95,7 +95,7 @@ from support import (
     AUDIT_SQL,
     DIMENSIONS,
     REALTIME_API_KEY,
-    RunningDaemon,
+    all_current,
     create_database,
     make_template,
     wait_until,
@@ -119,9 +119,7 @@ __all__ = [
     "WebhookSender",
     "World",
     "Writer",
-    "all_current",
     "cluster",
-    "metric",
     "other_text_writes",
     "repeated_writes",
     "result",
@@ -297,21 +295,6 @@ async def verify(conn: asyncpg.Connection, *, model: str = MODEL) -> Check:
         )
     )
     return check
-
-
-async def all_current(conn: asyncpg.Connection) -> bool:
-    """Cheap pre-check for `verify`: every row has a vector at its version, and no vector is orphaned."""
-    return bool(
-        await conn.fetchval(
-            """
-            select not exists (
-              select 1 from public.projects t
-                left join vector_sync.project_embeddings e on e.project_id = t.id
-                left join vector_sync.dead_letters d on d.project_id = t.id and d.version >= t.version
-               where (e.project_id is null and d.project_id is null) or e.version <> t.version)
-            """
-        )
-    )
 
 
 async def repeated_writes(conn: asyncpg.Connection) -> list[tuple[int, int, int, int]]:
@@ -1026,7 +1009,7 @@ class World:
         async with self.connection() as conn:
             while True:
                 self.assert_alive()
-                if await all_current(conn):
+                if await all_current(conn, dead_letters_count=True):
                     check = await verify(conn)
                     if check.ok:
                         return check
@@ -1077,9 +1060,3 @@ class World:
             if spawned <= moment and (ended is None or moment <= ended):
                 return number
         return -1
-
-
-def metric(handle: RunningDaemon, name: str, **labels: str) -> float:
-    """A sample of an in-process daemon's metrics (`support.running`); 0 before its first increment."""
-    value = handle.daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value

@@ -208,15 +208,24 @@ async def stored(conn: asyncpg.Connection) -> dict[int, tuple[int, str]]:
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
-async def all_current(conn: asyncpg.Connection) -> bool:
-    """Every row has exactly its current version stored (and no vector is behind)."""
+async def all_current(conn: asyncpg.Connection, *, dead_letters_count: bool = False) -> bool:
+    """Every row has exactly its current version stored (and no vector is behind); with
+    `dead_letters_count`, a row dead-lettered at its current version or later counts as settled."""
     return bool(
         await conn.fetchval(
             """
             select not exists (
               select 1 from public.projects t
                 left join vector_sync.project_embeddings e on e.project_id = t.id
-               where e.project_id is null or e.version <> t.version)
-            """
+                left join vector_sync.dead_letters d on $1 and d.project_id = t.id and d.version >= t.version
+               where (e.project_id is null and d.project_id is null) or e.version <> t.version)
+            """,
+            dead_letters_count,
         )
     )
+
+
+def metric(handle: RunningDaemon, name: str, **labels: str) -> float:
+    """A sample of an in-process daemon's metrics (`running`); 0 before its first increment."""
+    value = handle.daemon.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

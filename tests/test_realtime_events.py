@@ -25,6 +25,7 @@ from realtime_server import MALFORMED_KINDS, RealtimeServer
 from support import (
     RunningDaemon,
     all_current,
+    metric,
     post_webhook,
     realtime_settings,
     running,
@@ -102,11 +103,6 @@ async def writes_of(db: asyncpg.Connection, project_id: int) -> list[int]:
 async def embedded_at(db: asyncpg.Connection, project_id: int, version: int) -> bool:
     stored = await db.fetchval("select version from vector_sync.project_embeddings where project_id = $1", project_id)
     return stored == version
-
-
-def metric(handle: RunningDaemon, name: str, **labels: str) -> float:
-    value = handle.daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def realtime_events(handle: RunningDaemon) -> float:

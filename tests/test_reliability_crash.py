@@ -43,12 +43,11 @@ from reliability import (
     Scenario,
     World,
     Writer,
-    all_current,
     cluster,
     result,
     scenario_rng,
 )
-from support import signed_headers, wait_until, webhook_body
+from support import all_current, signed_headers, wait_until, webhook_body
 from test_operations import Scrape, grew
 from vector_sync.store import content_text, sha256_hex
 
@@ -62,6 +61,14 @@ def assert_clean(world: World, check: Check, scenario: str, seed: int) -> None:
     assert check.dead_lettered == 0
     # A failure the daemon handles is a WARNING; an ERROR line would wake an operator for nothing.
     assert world.unexpected_errors() == [], f"{scenario} seed {seed}: {world.unexpected_errors()[:5]}"
+
+
+async def converged_clean(world: World, scenario: str, seed: int) -> Check:
+    """Every scenario's end: converged, clean (`assert_clean`) and audited; the check, for its result."""
+    check = await world.converged()
+    assert_clean(world, check, scenario, seed)
+    await audited(world, scenario, seed)
+    return check
 
 
 async def audited(world: World, scenario: str, seed: int) -> None:
@@ -138,9 +145,7 @@ async def kill_9(*, soak: bool = False, admin_dsn: str | None = None, seed: int 
             await writer.more(20)
             # On the last process: the killed ones are cut at random, often before a source has spoken.
             events = await world.wait_delivering()
-        check = await world.converged()
-        assert_clean(world, check, name, seed)
-        await audited(world, name, seed)
+        check = await converged_clean(world, name, seed)
         # Within one process a text goes to the API once ("pays once"); after a kill the next process
         # embeds only what the database lacks, so what a kill may cost is the batches it cut.
         repeats = await world.api_repeats()
@@ -191,9 +196,7 @@ async def postgres_restart(
                     back = await came_back(world, before, f"pg_ctl stop -m {mode}")
                     await world.wait_delivering(since=back)
                     await writer.more(10)
-        check = await world.converged()
-        assert_clean(world, check, name, seed)
-        await audited(world, name, seed)
+        check = await converged_clean(world, name, seed)
         assert world.starts == 1 and world.alive, "the daemon exited during a database restart"
         listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
@@ -242,9 +245,7 @@ async def terminate_backends(
                 back = await came_back(world, before, "pg_terminate_backend")
                 await world.wait_delivering(since=back)
                 await writer.more(5)
-        check = await world.converged()
-        assert_clean(world, check, name, seed)
-        await audited(world, name, seed)
+        check = await converged_clean(world, name, seed)
         assert world.starts == 1 and world.alive
         listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
@@ -295,9 +296,7 @@ async def database_unreachable(
             await writer.more(10)
         assert not_ready_seen > 0, "/readyz never said the database was gone"
         await writer.stop()
-        check = await world.converged()
-        assert_clean(world, check, name, seed)
-        await audited(world, name, seed)
+        check = await converged_clean(world, name, seed)
         assert world.starts == 1 and world.alive
         listen_lost = len(world.log_lines(LISTEN_DOWN))
         assert await world.stop() == 0
@@ -442,9 +441,7 @@ async def webhook_load(*, soak: bool = False, admin_dsn: str | None = None, seed
             # This process also runs the test API, the Realtime server and the pg_net stand-in.
             harness_cpu = (time.process_time() - harness_before) / took
             events = await world.wait_delivering()
-        check = await world.converged()
-        assert_clean(world, check, name, seed)
-        await audited(world, name, seed)
+        check = await converged_clean(world, name, seed)
         peak = world.peak_rss_mb()
         assert world.sender is not None
         pg_net = world.sender.statuses
@@ -547,7 +544,7 @@ async def test_an_old_life_text_on_a_reinserted_row_survives_a_kill(logical_pg: 
     seed, _ = scenario_rng("old-life-text", None)
     async with World(logical_pg, name="old-life-text", api_latency=0.0) as world, world.connection() as db:
         project = await db.fetchval("insert into projects (name, description) values ('x', 'first text') returning id")
-        await wait_until(lambda: all_current(db), timeout=DEADLINE, what="the row embedded")
+        await wait_until(lambda: all_current(db, dead_letters_count=True), timeout=DEADLINE, what="the row embedded")
 
         world.api.latency = 2.0
         old_text = content_text(["x", "old life text"])

@@ -58,9 +58,7 @@ from reliability import (
     Check,
     Scenario,
     Writer,
-    all_current,
     cluster,
-    metric,
     other_text_writes,
     repeated_writes,
     result,
@@ -72,8 +70,10 @@ from support import (
     DIMENSIONS,
     WEBHOOK_SECRET,
     RunningDaemon,
+    all_current,
     create_database,
     make_settings,
+    metric,
     realtime_settings,
     running,
     wait_until,
@@ -142,7 +142,7 @@ async def converged(
     written twice, with its text or another."""
     what = scenario if seed is None else f"{scenario} seed {seed}"
     deadline = time.monotonic() + timeout
-    while not await all_current(conn) and time.monotonic() < deadline:
+    while not await all_current(conn, dead_letters_count=True) and time.monotonic() < deadline:
         assert_running(handle)
         await asyncio.sleep(0.1)
     check = await verify(conn)
@@ -323,7 +323,9 @@ async def api_chaos(*, soak: bool = False, admin_dsn: str | None = None, seed: i
                         await run_writes(writer, chaos_seconds)
                     api.calm()
                     calm_at = time.monotonic()
-                    await wait_until(lambda: all_current(conn), timeout=DEADLINE, what="every row embedded")
+                    await wait_until(
+                        lambda: all_current(conn, dead_letters_count=True), timeout=DEADLINE, what="every row embedded"
+                    )
                     took = time.monotonic() - calm_at
                     check = await converged(handle, conn, name, seed)
                     await wait_until(lambda: api.in_flight == 0, timeout=30, what="no request in flight")
@@ -819,7 +821,9 @@ async def late_delete_reinsert(admin_dsn: str) -> dict[str, Any]:
             totals: Counter[str] = Counter()
             async with PgNetWorker(dsn) as sender, reconciling(dsn, totals):
                 await conn.execute("insert into projects (id, name, description) values (42, 'first life', 'a')")
-                await wait_until(lambda: all_current(conn), timeout=DEADLINE, what="the first life embedded")
+                await wait_until(
+                    lambda: all_current(conn, dead_letters_count=True), timeout=DEADLINE, what="the first life embedded"
+                )
                 sender.fail_next(NetFault.DROP, match=lambda request: json.loads(request.body)["type"] == "DELETE")
                 await conn.execute("delete from projects where id = 42")
                 await conn.execute("insert into projects (id, name, description) values (42, 'second life', 'b')")

@@ -83,6 +83,7 @@ from support import (
     all_current,
     create_database,
     make_settings,
+    metric,
     realtime_settings,
     running,
     twice_written,
@@ -136,11 +137,6 @@ def with_password(dsn: str) -> str:
     """The test DSN (`postgresql://postgres:@/db?host=...`) with DB_PASSWORD in it."""
     assert "postgres:@" in dsn, dsn
     return dsn.replace("postgres:@", f"postgres:{DB_PASSWORD}@", 1)
-
-
-def metric(handle: RunningDaemon, name: str, **labels: str) -> float:
-    value = handle.daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def rss_bytes() -> int:
@@ -1629,21 +1625,32 @@ async def test_a_hostile_name_as_table_id_and_content_column(pg_server: str, nam
     if trial.stage == "works":
         return
     # Only a name the bare comma list cannot carry (a comma, spaces at its ends, a leading double quote,
-    # which starts a quoted name) may be refused, and
-    # then clearly: split or stripped, it names columns the table lacks, refused at start (before the
-    # fix the daemon started anyway and every batch failed). Quoted, it works: see the next test.
+    # which starts a quoted name) may be refused, and then clearly: split or stripped, it names columns
+    # the table lacks, refused before any migration runs (before the fix the daemon started anyway and
+    # every batch failed). Quoted, it works: see the next test.
     assert "," in name or name != name.strip() or name.startswith('"'), (name, trial)
-    assert trial.stage in ("config", "start"), (name, trial)
+    assert trial.stage in ("config", "migrate"), (name, trial)
     assert "VECTOR_SYNC_CONTENT_COLUMNS" in trial.error, (name, trial)
 
 
-async def test_a_content_column_the_table_lacks_is_refused_at_start(dsn: str) -> None:
+async def test_a_content_column_the_table_lacks_is_refused_at_migrate_and_at_start(dsn: str) -> None:
     """Before the fix only the id column was checked against the catalog at start: with a content
     column the table did not have, the daemon started, said it was ready, and every batch failed
     ("batch of N rows failed unexpectedly; retrying later", UndefinedColumnError) for as long as it ran."""
     trial = await try_configuration(dsn, VECTOR_SYNC_CONTENT_COLUMNS="name,no_such_column")
-    assert trial.stage in ("config", "start"), trial
-    assert "VECTOR_SYNC_CONTENT_COLUMNS" in trial.error or "no_such_column" in trial.error, trial
+    assert trial.stage == "migrate", trial
+    assert "VECTOR_SYNC_CONTENT_COLUMNS" in trial.error and "no_such_column" in trial.error, trial
+    # Migrated for columns the table has, then started with one it lacks: the start refuses.
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, make_settings(dsn, VECTOR_SYNC_SOURCES="listen"))
+    finally:
+        await conn.close()
+    settings_ = make_settings(dsn, VECTOR_SYNC_SOURCES="listen", VECTOR_SYNC_CONTENT_COLUMNS="name,no_such_column")
+    with daemon_log("ERROR") as log, pytest.raises(AssertionError, match="daemon exited during start"):
+        async with running(settings_):
+            pass
+    assert any("VECTOR_SYNC_CONTENT_COLUMNS" in text and "no_such_column" in text for _, text in log), log
 
 
 @pytest.mark.parametrize("name", ["a,b", " edge spaces ", 'say "hi", twice', '"; select pg_sleep(1); --'])
