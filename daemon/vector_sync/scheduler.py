@@ -63,6 +63,7 @@ class _InFlight:
     attempt: int = 0
     newer: int | None = None  # a newer version arrived while embedding: run again after
     newer_due: float = 0.0  # ... once that version has settled
+    dropped: int | None = None  # the highest version dropped as a duplicate meanwhile
     deleted: bool = False  # deleted while embedding: whatever this batch stores is already gone
 
 
@@ -212,7 +213,8 @@ class Scheduler:
             flight.deleted = True
             if reinserted is not None:
                 flight.newer = max(reinserted, flight.newer or 0)
-        elif reinserted is not None and key not in self._pending and self.has_room:
+        elif reinserted is not None and key not in self._pending:
+            # Past the room limit if need be: no event will bring this row back (bounded by the record's size).
             self._add_pending(key, _Pending(reinserted, self._clock(), None))
         return Offer.CANCELLED
 
@@ -225,6 +227,7 @@ class Scheduler:
         if version > max(flight.target, flight.newer or 0) or (unsure and flight.newer is None):
             flight.newer = max(version, flight.target)
             return Offer.ACCEPTED
+        flight.dropped = max(version, flight.dropped or 0)
         return Offer.DUPLICATE
 
     def forget(self, project_id: ProjectId | None = None) -> None:
@@ -329,10 +332,11 @@ class Scheduler:
         if flight is None:
             return
         key = due.project_id
-        if flight.newer is None and read_version is not None and read_version < flight.target:
-            # The target was committed, so a row younger than it is a new life whose DELETE never came:
-            # the events dropped meanwhile were compared against the old life. Look again.
-            flight.newer, flight.newer_due = read_version, self._clock()
+        if flight.dropped is not None and flight.newer is None and (read_version or 0) < flight.target:
+            # The target was committed, so a row read gone or younger than it was deleted (and perhaps
+            # inserted again) behind the target's back: the events dropped as duplicates meanwhile were
+            # compared against the old life, and may be the new one's. Look again.
+            flight.newer, flight.newer_due = flight.dropped, self._clock()
         if flight.newer is not None:
             self._add_pending(key, _Pending(flight.newer, max(self._clock(), flight.newer_due), flight.committed_at))
             return
