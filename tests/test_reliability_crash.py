@@ -213,12 +213,21 @@ async def postgres_restart(
 
 
 async def _terminate_daemon_backends(conn: asyncpg.Connection) -> list[str]:
-    """The application_name of every backend of the daemon that pg_terminate_backend signalled."""
-    rows = await conn.fetch(
-        "select application_name, pg_terminate_backend(pid) as terminated from pg_stat_activity"
-        " where datname = current_database() and application_name like 'vector-sync%'"
-    )
-    return sorted(row["application_name"] for row in rows if row["terminated"])
+    """The application_name of every backend of the daemon that pg_terminate_backend signalled.
+
+    The lease goes last: losing it ends the daemon's term, and the daemon then closes its LISTEN
+    connection itself, sometimes before one statement reaches that backend (soak seed 200882428).
+    """
+    names: list[str] = []
+    for lease in (False, True):
+        rows = await conn.fetch(
+            "select application_name, pg_terminate_backend(pid) as terminated from pg_stat_activity"
+            " where datname = current_database() and application_name like 'vector-sync%'"
+            " and (application_name = 'vector-sync-lease') = $1",
+            lease,
+        )
+        names.extend(row["application_name"] for row in rows if row["terminated"])
+    return sorted(names)
 
 
 async def terminate_backends(

@@ -7,8 +7,8 @@ injectable clock; the only awaits are for "something is due" and "there is room"
 Every duplicate this drops rests on one assumption: the versions compared belong to the same life of
 the row. Versions start again at 1 after a delete and re-insert, so a DELETE the daemon never saw (a
 Realtime outage, an error event) leaves an old life's version behind, and the new life's edits would
-look old. Hence `forget` when a source may have lost events, and a second look at a row read younger
-than the version it was taken for.
+look old. Hence `forget` when a source may have lost events, and a second look at a row read gone or
+younger than the version it was taken for when duplicates were dropped during that batch.
 """
 
 from __future__ import annotations
@@ -234,8 +234,8 @@ class Scheduler:
         """A source may have lost events, DELETEs among them: stop trusting the versions it told us.
 
         Drops the cached "done" versions (of one id, or all), and makes events for ids in flight count
-        as news. A batch taken before this records nothing when it finishes; the drift pass that goes
-        with a loss looks at every row the database has.
+        as news. A batch taken before this records nothing when it finishes; the pass that goes with
+        the loss asks the database what is behind.
         """
         if project_id is None:
             self._done.clear()
