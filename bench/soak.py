@@ -196,8 +196,19 @@ subprocess (`python -m vector_sync run`) unless the scenario says otherwise.
   receive task and ended the session: the channel's frame handler is now guarded (dropped, counted).
 - **Content columns** were not checked at start (a missing one failed every batch forever) and could not
   hold a comma or edge spaces; unquoted table names were folded beyond A-Z, unlike Postgres: columns are
-  now checked against the table at start, may be double-quoted, and folding is ASCII only.
-- In the test server: deeply nested frames broke its own frame log (RecursionError).
+  now checked against the table by `migrate` and at start, may be double-quoted, and folding is ASCII only.
+- **A DELETE lost with a Realtime session made a re-inserted row's edits look old** (realtime-storm in CI,
+  seeds 1680884308 and 4269298398): the done cache kept the old life's version (max of 12 and the new
+  life's 1), so the new life's edit to 2 was dropped as a duplicate. `done` now records the version
+  stored; a source that may have lost events makes the scheduler forget its done versions, and batches
+  in flight then take later events as news
+  (`test_a_row_deleted_while_the_feed_was_down_keeps_its_new_lifes_edits`, `tests/test_scheduler.py`).
+  A review found two windows next to it: a batch that read its row gone dropped the new life's INSERT
+  arriving during its flight, and a late DELETE skipped the re-insert it should bring back when the
+  scheduler was full; both fixed, with unit tests.
+- In the test server: deeply nested frames broke its own frame log (RecursionError). In the
+  terminate-backends scenario, the lease is terminated last: losing it makes the daemon close its LISTEN
+  connection itself, which raced the check that LISTEN was signalled (soak seed 200882428).
 
 ## In CI
 
