@@ -288,10 +288,10 @@ def test_a_late_batch_cannot_settle_an_id_taken_again(scheduler: Scheduler) -> N
     scheduler.retry_later(first, 0)
     (second,) = scheduler.take_due(10)
     # The first batch's late outcome is ignored: the id stays with the second batch.
-    scheduler.done(first, 1)
+    scheduler.done(first, 1, 1)
     scheduler.retry_later(first, 0)
     assert scheduler.in_flight_count == 1 and scheduler.take_due(10) == []
-    scheduler.done(second, 1)
+    scheduler.done(second, 1, 1)
     assert scheduler.is_idle()
 
 

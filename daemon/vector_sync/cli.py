@@ -29,7 +29,7 @@ from vector_sync.migrations import (
     migrate,
     quote_ident,
     read_catalog,
-    read_id_kind,
+    read_source_table,
 )
 from vector_sync.pipeline import Pipeline
 from vector_sync.scheduler import Scheduler
@@ -188,7 +188,7 @@ async def _read_catalog_for_sql(settings: Settings, vector_schema: str) -> Catal
             return await read_catalog(conn, settings)
         except SchemaError:
             # No pgvector yet: render for the schema given, as the migration will create it.
-            return Catalog(await read_id_kind(conn, settings), vector_schema)
+            return Catalog(await read_source_table(conn, settings), vector_schema)
     finally:
         await conn.close()
 

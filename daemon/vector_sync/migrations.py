@@ -79,7 +79,7 @@ _ID_TYPES = {
 }
 
 
-async def read_id_kind(conn: asyncpg.Connection, settings: Settings) -> IdKind:
+async def read_source_table(conn: asyncpg.Connection, settings: Settings) -> IdKind:
     """The id column's kind, once the table, its id column and every content column are found.
 
     A missing content column is refused here: otherwise every batch's read would fail for as long as
@@ -138,7 +138,7 @@ async def read_vector_version(conn: asyncpg.Connection) -> tuple[int, ...]:
 
 
 async def read_catalog(conn: asyncpg.Connection, settings: Settings) -> Catalog:
-    id_kind = await read_id_kind(conn, settings)
+    id_kind = await read_source_table(conn, settings)
     vector_schema = await read_vector_schema(conn)
     if vector_schema is None:
         raise SchemaError("the pgvector extension is not installed; run `vector-sync migrate`")
@@ -218,7 +218,7 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[Migratio
     await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         vector_schema = await ensure_pgvector(conn)
-        catalog = Catalog(await read_id_kind(conn, settings), vector_schema, await read_vector_version(conn))
+        catalog = Catalog(await read_source_table(conn, settings), vector_schema, await read_vector_version(conn))
         await conn.execute(
             """
             create schema if not exists vector_sync;

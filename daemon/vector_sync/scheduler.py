@@ -324,7 +324,7 @@ class Scheduler:
         del self._in_flight[due.project_id]
         return flight
 
-    def done(self, due: Due, stored_version: int | None, read_version: int | None = None) -> None:
+    def done(self, due: Due, stored_version: int | None, read_version: int | None) -> None:
         """The pipeline finished `due`: `stored_version` is the version it knows is stored now, or
         None when it stored nothing (row gone, or the store refused the write); `read_version` is the
         version it read (None: the row was gone)."""
